@@ -1,0 +1,34 @@
+# A small MLA + DeepSeekMoE model of the deepseek_moe family that trains on 2 CPU cores (the demo).
+attention = "mla"
+vocab_size = 49152
+block_size = 128
+n_layer = 4
+n_embd = 128
+n_head = 4
+q_lora_rank = 0
+kv_lora_rank = 64
+qk_nope_head_dim = 32
+qk_rope_head_dim = 16
+v_head_dim = 32
+intermediate_size = 384
+n_routed_experts = 8
+n_activated_experts = 2
+n_shared_experts = 1
+moe_intermediate_size = 96
+first_k_dense = 1
+aux_loss_alpha = 1e-4
+tie_embeddings = True
+
+out_dir = "out/cpu_moe"
+device = "cpu"
+compile = False
+batch_size = 16
+gradient_accumulation_steps = 1
+learning_rate = 2e-3
+min_lr = 2e-4
+warmup_iters = 50
+max_iters = 600
+lr_decay_iters = 600
+eval_interval = 100
+eval_iters = 10
+log_interval = 10

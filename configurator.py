@@ -1,0 +1,96 @@
+"""
+nanoGPT-style configuration, shared by every script.
+
+A script declares its settings as a dict of defaults, then calls `configure(defaults, argv)`:
+
+    python train.py config/deepseek_moe.py --batch_size=8 --compile=False --start "Once upon a time"
+
+Arguments that do not start with `--` are python config files holding plain assignments, applied in
+order; `--key=value` and `--key value` override single settings afterwards. Unlike nanoGPT's exec of
+globals, every key must already exist in the defaults and keep its type, so a typo is an error
+rather than a silent new global.
+
+Expected mistakes raise `UserError`; scripts run their `main` under `run_main`, which prints one
+line to stderr and exits non-zero instead of a traceback.
+"""
+
+import ast
+import os
+import sys
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line, never as a traceback."""
+
+
+def run_main(main):
+    """Run `main()`, turning a UserError into `error: ...` on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _check_type(key, value, default, where):
+    """Return `value` if it fits the type of `default` (ints widen to floats), else raise."""
+    if default is None or value is None:  # None means "any" / "unset"
+        return value
+    want = type(default)
+    if want is float and type(value) is int:
+        return float(value)
+    if type(value) is not want:
+        raise UserError(f"{where}: {key} must be {want.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _parse_value(key, text, default):
+    """Parse a command-line value: python literals, except that string settings keep the raw text."""
+    if isinstance(default, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if default is None:
+            return text
+        raise UserError(f"--{key}={text}: not a valid {type(default).__name__}")
+
+
+def _apply_file(config, path):
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} does not exist (try one of config/*.py)")
+    namespace = {}
+    try:
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), namespace)
+    except Exception as e:  # a broken config file is the user's mistake, not ours
+        raise UserError(f"config file {path} failed: {type(e).__name__}: {e}")
+    for key, value in namespace.items():
+        if key.startswith("_") or type(value).__name__ == "module":
+            continue
+        if key not in config:
+            raise UserError(f"{path}: unknown key '{key}' (known: {', '.join(sorted(config))})")
+        config[key] = _check_type(key, value, config[key], path)
+
+
+def configure(defaults, argv=None):
+    """Return a copy of `defaults` updated by the config files and overrides in `argv`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config = dict(defaults)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("--"):
+            _apply_file(config, arg)
+            continue
+        key, eq, text = arg[2:].partition("=")
+        if not eq:  # `--key value`
+            if i >= len(argv):
+                raise UserError(f"--{key} needs a value (--{key}=VALUE)")
+            text = argv[i]
+            i += 1
+        if key not in defaults:
+            raise UserError(f"unknown option --{key} (known: {', '.join(sorted(defaults))})")
+        config[key] = _check_type(key, _parse_value(key, text, defaults[key]), defaults[key], f"--{key}")
+    return config

@@ -1,0 +1,473 @@
+"""
+A DeepSeek-style decoder-only Transformer in one file.
+
+- RMSNorm and RoPE (half-rotation layout, as in Llama: the rotary dims are split into two halves
+  that are rotated against each other; DeepSeek's interleaved-pairs layout is a fixed permutation).
+- Attention: grouped-query attention (GQA; MHA and MQA are its two ends) or DeepSeek-V2/V3
+  multi-head latent attention (MLA), which caches one compressed latent per token.
+- Feed-forward: SwiGLU, or DeepSeekMoE (shared + fine-grained routed experts) with the
+  auxiliary-loss-free balancing of DeepSeek-V3 (a per-expert bias that steers selection only).
+
+References: nanoGPT's model.py (structure), DeepSeek-V3 inference/model.py and the DeepSeek-V2/V3
+papers (MLA, MoE, loss-free balancing), Llama / SmolLM2 (GQA, RoPE, SwiGLU).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 49152          # cosmo2 tokenizer
+    block_size: int = 1024           # longest sequence (RoPE table size)
+    n_layer: int = 12                # transformer blocks
+    n_embd: int = 768                # model width
+    n_head: int = 12                 # query heads
+    n_kv_head: int = 4               # GQA key/value heads (n_head = MHA, 1 = MQA)
+    head_dim: int = 0                # GQA head size; 0 means n_embd // n_head
+    intermediate_size: int = 2048    # dense SwiGLU width
+    attention: str = "gqa"           # "gqa" or "mla"
+    q_lora_rank: int = 0             # MLA query compression rank; 0 = plain query projection
+    kv_lora_rank: int = 512          # MLA compressed key/value latent size (what is cached)
+    qk_nope_head_dim: int = 128      # MLA per-head query/key dims without RoPE
+    qk_rope_head_dim: int = 64       # MLA per-head query/key dims with RoPE (key part shared by heads)
+    v_head_dim: int = 128            # MLA per-head value size
+    n_routed_experts: int = 0        # routed experts per MoE layer; 0 = dense model
+    n_shared_experts: int = 1        # experts every token goes through
+    n_activated_experts: int = 2     # routed experts per token (top-k)
+    moe_intermediate_size: int = 512 # SwiGLU width of each expert
+    first_k_dense: int = 1           # the first k layers keep a dense SwiGLU
+    score_func: str = "sigmoid"      # router scores: "sigmoid" (DeepSeek-V3) or "softmax" (V2)
+    route_scale: float = 1.0         # combine weights are normalised to 1, then scaled by this
+    bias_update_rate: float = 1e-3   # loss-free balancing step gamma; 0 turns balancing off
+    aux_loss_alpha: float = 0.0      # sequence-wise auxiliary balance loss weight (V3 uses 1e-4)
+    rope_theta: float = 10000.0      # RoPE base
+    norm_eps: float = 1e-5           # RMSNorm epsilon
+    tie_embeddings: bool = True      # share the token embedding with the LM head
+    dropout: float = 0.0             # residual and attention dropout (0 for pretraining)
+    init_std: float = 0.02           # std of the normal initialisation
+
+    def __post_init__(self):
+        if self.attention not in ("gqa", "mla"):
+            raise ValueError(f"attention must be 'gqa' or 'mla', got {self.attention!r}")
+        if self.score_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {self.score_func!r}")
+        if self.attention == "gqa" and self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.n_routed_experts and not 0 < self.n_activated_experts <= self.n_routed_experts:
+            raise ValueError("n_activated_experts must be in [1, n_routed_experts]")
+        if self.rope_dim % 2:
+            raise ValueError("the RoPE dimension must be even")
+
+    @property
+    def gqa_head_dim(self):
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def rope_dim(self):
+        return self.qk_rope_head_dim if self.attention == "mla" else self.gqa_head_dim
+
+    def is_moe_layer(self, i):
+        return self.n_routed_experts > 0 and i >= self.first_k_dense
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # in float32: the mean of squares under- or overflows easily in half precision
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def rope_tables(dim, max_len, theta):
+    """cos and sin of position * inv_freq, each [max_len, dim // 2]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x [..., T, dim] by position: the first half of dims pairs with the second half."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.type_as(x)
+
+
+class KVCache:
+    """Per-layer generation cache: tensors [B, heads, max_len, dim] filled at [start_pos, start_pos + T)."""
+
+    def __init__(self, max_len):
+        self.max_len = max_len
+        self.buffers = {}
+
+    def update(self, name, x, start_pos):
+        """Store x [B, heads, T, dim] at start_pos and return everything cached so far."""
+        if name not in self.buffers:  # allocated lazily, so it takes the activations' dtype (autocast)
+            B, H, _, D = x.shape
+            self.buffers[name] = x.new_zeros(B, H, self.max_len, D)
+        buf = self.buffers[name]
+        end = start_pos + x.size(2)
+        buf[:, :, start_pos:end] = x
+        return buf[:, :, :end]
+
+    def bytes_per_token(self):
+        return sum(b[0, :, 0].numel() * b.element_size() for b in self.buffers.values())
+
+
+def attend(q, k, v, start_pos, scale=None, dropout_p=0.0):
+    """Causal attention of q [B, H, T, d] over k, v [B, Hkv, S, d], S = start_pos + T.
+
+    Query i sits at absolute position start_pos + i and sees keys 0..start_pos + i. K/V heads are
+    shared by groups of query heads (GQA) without being repeated in memory.
+    """
+    T, S = q.size(2), k.size(2)
+    if start_pos == 0:  # training and prefill: the usual lower-triangular mask
+        mask, is_causal = None, T > 1
+    elif T == 1:  # one new token sees the whole cache
+        mask, is_causal = None, False
+    else:  # a chunk appended to a cache: the mask is aligned to the bottom right
+        mask, is_causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(start_pos), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          dropout_p=dropout_p, enable_gqa=k.size(1) != q.size(1))
+
+
+class GroupedQueryAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.gqa_head_dim
+        self.wq = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # [B, H, T, D]
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # cached un-repeated: n_kv_head heads, not n_head
+            k, v = cache.update("k", k, start_pos), cache.update("v", v, start_pos)
+        y = attend(q, k, v, start_pos, dropout_p=self.dropout if self.training else 0.0)  # [B, H, T, D]
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA (DeepSeek-V2 section 2.1): keys and values come from one low-rank latent c_kv per token.
+
+    Per head, q = [q_nope ; q_pe] and k = [k_nope ; k_pe] with [k_nope ; v] = W_kvb c_kv, and k_pe one
+    RoPE'd key shared by all heads. Training expands k and v and runs ordinary attention. Generation
+    uses the absorbed form: q_nope . k_nope = (W_UK^T q_nope) . c_kv, so the cache holds only
+    [c_kv ; k_pe] (kv_lora_rank + qk_rope_head_dim numbers per token) and W_UV is applied after
+    attending over the latents.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if self.q_lora_rank == 0:
+            self.wq = nn.Linear(cfg.n_embd, self.n_head * qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(cfg.n_embd, self.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(self.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(self.q_lora_rank, self.n_head * qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.n_embd, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
+        self.wkv_b = nn.Linear(self.kv_lora_rank, self.n_head * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.wo = nn.Linear(self.n_head * self.v_head_dim, cfg.n_embd, bias=False)
+        self.softmax_scale = qk_head_dim ** -0.5
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        B, T, _ = x.shape
+        H, C, R = self.n_head, self.kv_lora_rank, self.qk_rope_head_dim
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, T, H, -1).transpose(1, 2)                            # [B, H, T, nope + R]
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, R], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        c_kv, k_pe = self.wkv_a(x).split([C, R], dim=-1)                   # [B, T, C], [B, T, R]
+        c_kv = self.kv_norm(c_kv)
+        k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin)                     # [B, 1, T, R]
+        if cache is None:
+            y = self._expanded(q_nope, q_pe, c_kv, k_pe)
+        else:
+            y = self._absorbed(q_nope, q_pe, c_kv, k_pe, cache, start_pos)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
+
+    def _expanded(self, q_nope, q_pe, c_kv, k_pe):
+        B, H, T, _ = q_nope.shape
+        kv = self.wkv_b(c_kv).view(B, T, H, -1).transpose(1, 2)            # [B, H, T, nope + v]
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(B, H, T, -1)], dim=-1)
+        return attend(q, k, v, 0, self.softmax_scale, self.dropout if self.training else 0.0)  # [B, H, T, v]
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, cache, start_pos):
+        C = self.kv_lora_rank
+        w = self.wkv_b.weight.view(self.n_head, -1, C)                     # [H, nope + v, C]
+        w_uk, w_uv = w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+        q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk.to(q_nope.dtype))  # W_UK folded into q
+        # the latent cache acts as a single key/value head shared by all query heads (MQA over latents)
+        kv = cache.update("kv", torch.cat([c_kv.unsqueeze(1), k_pe], dim=-1), start_pos)  # [B, 1, S, C + R]
+        o_lat = attend(torch.cat([q_lat, q_pe], dim=-1), kv, kv[..., :C], start_pos, self.softmax_scale)
+        return torch.einsum("bhtc,hvc->bhtv", o_lat, w_uv.to(o_lat.dtype))  # W_UV folded into output
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Top-k expert selection with a balancing bias that affects selection only (DeepSeek-V3 eq. 16).
+
+    Selection uses topk(s + b); combine weights use the unbiased s of the chosen experts,
+    normalised to sum 1 and scaled by route_scale. b is a buffer: saved in checkpoints, never
+    seen by the optimizer, moved only by `update_bias`.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.top_k, self.score_func, self.route_scale = cfg.n_activated_experts, cfg.score_func, cfg.route_scale
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.n_embd))
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x):                                                  # x [N, dim]
+        logits = F.linear(x.float(), self.weight.float())                  # [N, E]
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        indices = (scores + self.bias).topk(self.top_k, dim=-1).indices    # [N, k]
+        weights = scores.gather(1, indices)
+        weights = weights / weights.sum(dim=-1, keepdim=True) * self.route_scale
+        return weights, indices, scores
+
+    @torch.no_grad()
+    def update_bias(self, counts, gamma):
+        """b_i += gamma * sign(mean(c) - c_i): underloaded experts become more attractive."""
+        counts = counts.to(self.bias)
+        self.bias += gamma * torch.sign(counts.mean() - counts)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: shared experts for every token plus top-k of many fine-grained routed experts."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_routed_experts, self.top_k = cfg.n_routed_experts, cfg.n_activated_experts
+        self.aux_loss_alpha = cfg.aux_loss_alpha
+        self.router = Router(cfg)
+        self.experts = nn.ModuleList(MLP(cfg.n_embd, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts))
+        self.shared_experts = (MLP(cfg.n_embd, cfg.n_shared_experts * cfg.moe_intermediate_size)
+                               if cfg.n_shared_experts else None)
+        # tokens per expert summed over the training forwards since the trainer last collected them
+        self.register_buffer("expert_counts", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.aux_loss = None
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x = x.view(-1, D)                                                  # [N, D]
+        weights, indices, scores = self.router(x)                          # [N, k] each
+        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)  # [E]
+        y = self.dispatch(x, weights, indices, counts)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        if self.training:
+            self.expert_counts += counts.to(self.expert_counts.dtype)
+            self.aux_loss = self.sequence_aux_loss(scores.view(B, T, -1), indices.view(B, T, -1)) \
+                if self.aux_loss_alpha > 0 else None
+        return y.view(B, T, D)
+
+    def dispatch(self, x, weights, indices, counts):
+        """Sort the N*k (token, expert) pairs by expert and run each expert once on its contiguous slice."""
+        order = indices.flatten().argsort(stable=True)                     # pairs grouped by expert
+        token_of = order // self.top_k                                     # [N*k] token of each pair
+        chunks = x[token_of].split(counts.tolist())                        # one slice per expert
+        out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])  # [N*k, D]
+        out = out * weights.flatten()[order].unsqueeze(1).to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, out)            # sum each token's experts
+
+    def sequence_aux_loss(self, scores, indices):
+        """alpha * sum_i f_i P_i per sequence, averaged (DeepSeek-V3 eq. 17-20)."""
+        B, T, E = scores.shape
+        chosen = torch.zeros(B, T, E, device=scores.device).scatter_(2, indices, 1.0)
+        f = chosen.sum(1) * E / (self.top_k * T)                           # [B, E] load fraction, 1 if uniform
+        p = (scores / scores.sum(-1, keepdim=True)).mean(1)                # [B, E] mean normalised score
+        return self.aux_loss_alpha * (f * p).sum(-1).mean()
+
+
+def max_violation(counts):
+    """MaxVio = (max_i c_i - mean c) / mean c, over the last dim (per layer for [layers, E])."""
+    counts = counts.float()
+    mean = counts.mean(-1).clamp_min(1e-9)
+    return (counts.max(-1).values - mean) / mean
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_id):
+        super().__init__()
+        Attention = MultiHeadLatentAttention if cfg.attention == "mla" else GroupedQueryAttention
+        self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.n_embd, cfg.intermediate_size)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start_pos))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(cfg.rope_dim, cfg.block_size, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # recomputed, never checkpointed
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 scheme: N(0, init_std) everywhere; projections that write into the residual stream
+        # are scaled by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("wo.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        elif isinstance(module, Router):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def forward(self, idx, targets=None, caches=None, start_pos=0):
+        """idx [B, T] -> logits [B, T, vocab]; loss = mean cross-entropy over targets != -1 (+ MoE aux)."""
+        T = idx.size(1)
+        if start_pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds block_size {self.config.block_size}")
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        x = self.dropout(self.tok_embeddings(idx))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, caches[i] if caches else None, start_pos)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            for moe in self.moe_layers():
+                if moe.aux_loss is not None:
+                    loss = loss + moe.aux_loss
+        return logits, loss
+
+    # ---- MoE balancing: the trainer's side of loss-free balancing ----
+
+    def moe_layers(self):
+        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+
+    def pop_expert_counts(self):
+        """Tokens routed to each expert since the last call, [n_moe_layers, E]; resets the counters."""
+        moes = self.moe_layers()
+        if not moes:
+            return torch.zeros(0, 0)
+        counts = torch.stack([m.expert_counts.clone() for m in moes])
+        for m in moes:
+            m.expert_counts.zero_()
+        return counts
+
+    def update_router_bias(self, counts):
+        """Loss-free balancing, once per optimizer step, with the step's counts [n_moe_layers, E]
+        summed over all micro-batches and ranks."""
+        gamma = self.config.bias_update_rate
+        if gamma > 0:
+            for moe, c in zip(self.moe_layers(), counts):
+                moe.router.update_bias(c, gamma)
+
+    # ---- sizes and costs ----
+
+    def num_params(self, active=False):
+        """All parameters (a tied embedding counted once), or those one token uses (top-k of the routed experts)."""
+        n = sum(p.numel() for p in self.parameters())
+        if active:
+            for moe in self.moe_layers():
+                per_expert = sum(p.numel() for p in moe.experts[0].parameters())
+                n -= (moe.n_routed_experts - moe.top_k) * per_expert
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward): 6 per active matmul weight, plus attention
+        scores and weighted sums, 6 * n_layer * n_head * (qk_dim + v_dim) * seq_len (PaLM appendix B,
+        without discounting the causal half). The input embedding is a lookup, not a matmul."""
+        cfg = self.config
+        n = self.num_params(active=True) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.n_embd)
+        if cfg.attention == "mla":
+            qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+        else:
+            qk = v = cfg.gqa_head_dim
+        return 6 * n + 6 * cfg.n_layer * cfg.n_head * (qk + v) * seq_len
+
+    # ---- generation ----
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Append exactly max_new_tokens tokens to idx [B, T], decoding with a KV cache (for MLA the
+        absorbed latent cache). Past block_size, the context is cropped to the last block_size tokens
+        and recomputed without a cache, since positions shift."""
+        block_size = self.config.block_size
+        caches = [KVCache(block_size) for _ in self.layers]
+        logits, _ = self(idx[:, -block_size:], caches=caches)
+        for step in range(max_new_tokens):
+            next_token = sample_logits(logits[:, -1], temperature, top_k, top_p, generator)  # [B, 1]
+            idx = torch.cat([idx, next_token], dim=1)
+            if step == max_new_tokens - 1:
+                break
+            pos = idx.size(1) - 1  # next_token's position; the cache holds all before it until cropping starts
+            if pos < block_size:
+                logits, _ = self(next_token, caches=caches, start_pos=pos)
+            else:
+                logits, _ = self(idx[:, -block_size:])
+        return idx
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row of logits [B, V]: greedy at temperature 0, else sample from the
+    temperature-scaled distribution restricted to the top_k tokens and to the smallest set of
+    tokens whose probability reaches top_p (nucleus)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)

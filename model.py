@@ -251,7 +251,7 @@ class Router(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.top_k, self.score_func, self.route_scale = cfg.n_activated_experts, cfg.score_func, cfg.route_scale
-        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.n_embd))
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.n_embd).normal_(0.0, cfg.init_std))
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts))
 
     def forward(self, x):                                                  # x [N, dim]
@@ -259,7 +259,7 @@ class Router(nn.Module):
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         indices = (scores + self.bias).topk(self.top_k, dim=-1).indices    # [N, k]
         weights = scores.gather(1, indices)
-        weights = weights / weights.sum(dim=-1, keepdim=True) * self.route_scale
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * self.route_scale  # eps: all-zero sigmoids
         return weights, indices, scores
 
     @torch.no_grad()
@@ -362,8 +362,6 @@ class Transformer(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
-        elif isinstance(module, Router):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
     def forward(self, idx, targets=None, caches=None, start_pos=0):
         """idx [B, T] -> logits [B, T, vocab]; loss = mean cross-entropy over targets != -1 (+ MoE aux)."""
@@ -377,7 +375,7 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             for moe in self.moe_layers():
                 if moe.aux_loss is not None:
                     loss = loss + moe.aux_loss

@@ -1,0 +1,41 @@
+import pytest
+
+from configurator import UserError, configure
+
+DEFAULTS = {"batch_size": 12, "learning_rate": 6e-4, "compile": True, "out_dir": "out", "top_k": None}
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cfg.py"
+    path.write_text(text)
+    return str(path)
+
+
+def test_file_then_overrides_in_order(tmp_path):
+    path = write(tmp_path, "import math\nbatch_size = 4\nlearning_rate = 1e-3\n_private = 'ignored'\n")
+    config = configure(DEFAULTS, [path, "--batch_size=8", "--compile", "False", "--out_dir=out/x"])
+    assert config == {"batch_size": 8, "learning_rate": 1e-3, "compile": False, "out_dir": "out/x", "top_k": None}
+    assert DEFAULTS["batch_size"] == 12  # the defaults themselves are untouched
+
+
+def test_types():
+    assert configure(DEFAULTS, ["--learning_rate=1"])["learning_rate"] == 1.0  # ints widen to floats
+    assert configure(DEFAULTS, ["--out_dir", "123"])["out_dir"] == "123"       # strings stay raw text
+    assert configure(DEFAULTS, ["--top_k=5"])["top_k"] == 5                    # None accepts any literal
+    with pytest.raises(UserError, match="batch_size must be int"):
+        configure(DEFAULTS, ["--batch_size=2.5"])
+    with pytest.raises(UserError, match="compile"):
+        configure(DEFAULTS, ["--compile=maybe"])
+
+
+def test_unknown_keys_and_missing_things(tmp_path):
+    with pytest.raises(UserError, match="unknown option --batchsize"):
+        configure(DEFAULTS, ["--batchsize=3"])
+    with pytest.raises(UserError, match="unknown key 'lr'"):
+        configure(DEFAULTS, [write(tmp_path, "lr = 3e-4\n")])
+    with pytest.raises(UserError, match="does not exist"):
+        configure(DEFAULTS, ["config/nope.py"])
+    with pytest.raises(UserError, match="needs a value"):
+        configure(DEFAULTS, ["--batch_size"])
+    with pytest.raises(UserError, match="failed: NameError"):
+        configure(DEFAULTS, [write(tmp_path, "batch_size = undefined_name\n")])

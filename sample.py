@@ -1,0 +1,189 @@
+"""
+Sample text from a trained model (out_dir/ckpt.pt) or from pretrained SmolLM2-135M weights.
+
+    python sample.py --start "Once upon a time"
+    python sample.py --out_dir=out/cpu_moe --start FILE:prompt.txt --num_samples=3 --stream=True
+    python sample.py --init_from=smollm2-135m --temperature=0 --start "Once upon a time"
+
+Decoding uses the model's KV cache (for MLA the absorbed latent cache) and the tokenizer saved in the
+checkpoint, and ends a sample at the end-of-text token unless --stop_at_eot=False. Text goes to stdout;
+notes and the generation speed go to stderr.
+"""
+
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from tokenizers import Tokenizer
+
+import prepare
+import pretrained
+import train
+from configurator import UserError, configure, run_main
+from model import KVCache, sample_logits
+
+defaults = dict(
+    out_dir="out",          # the checkpoint directory for init_from="resume"
+    init_from="resume",     # "resume" (out_dir/ckpt.pt) or "smollm2-135m" (pretrained SmolLM2-135M weights)
+    start="\n",             # the prompt, or FILE:path to read it from a file
+    num_samples=1,          # samples drawn one after another
+    max_new_tokens=200,     # tokens generated per sample (fewer if it reaches end-of-text)
+    temperature=0.8,        # 0 = greedy; < 1 sharper, > 1 more random
+    top_k=200,              # sample from the k most likely tokens only; None = all
+    top_p=1.0,              # nucleus sampling: the smallest set of tokens with probability >= top_p; 1.0 = off
+    seed=1337,
+    device="auto",          # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
+    dtype="auto",           # auto (bfloat16 on GPUs that have it, float16 on older GPUs, float32 otherwise),
+                            # float32, bfloat16, float16
+    stream=False,           # print tokens as they are generated
+    stop_at_eot=True,       # end a sample at the end-of-text token
+    kv_cache=True,          # False recomputes the whole context for every token (to measure what the cache saves)
+)
+
+
+def check_options(cfg):
+    if cfg["init_from"] not in ("resume", "smollm2-135m"):
+        raise UserError(f"unknown --init_from={cfg['init_from']}: use resume (out_dir/ckpt.pt) or smollm2-135m")
+    if cfg["top_k"] is not None and cfg["top_k"] < 1:
+        raise UserError(f"--top_k={cfg['top_k']}: must be at least 1 (or None for no top-k)")
+    if not 0 < cfg["top_p"] <= 1:
+        raise UserError(f"--top_p={cfg['top_p']}: must be in (0, 1] (1 turns it off)")
+    if cfg["temperature"] < 0:
+        raise UserError(f"--temperature={cfg['temperature']}: must be >= 0 (0 is greedy)")
+    if cfg["max_new_tokens"] < 1:
+        raise UserError(f"--max_new_tokens={cfg['max_new_tokens']}: must be at least 1")
+    if cfg["num_samples"] < 1:
+        raise UserError(f"--num_samples={cfg['num_samples']}: must be at least 1")
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device={name}: not a device (use auto, cpu, cuda, cuda:N or mps)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={name}: no CUDA GPU is available (use --device=cpu)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device={name}: MPS is not available (use --device=cpu)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device={name}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        if device.type == "cuda":
+            name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            name = "float32"  # bfloat16 matmuls on CPUs without AMX are far slower than float32
+    if name not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype={name}: use auto, float32, bfloat16 or float16")
+    return getattr(torch, name)
+
+
+def read_prompt(start):
+    if not start.startswith("FILE:"):
+        return start
+    path = start[len("FILE:"):]
+    if not os.path.isfile(path):
+        raise UserError(f"--start=FILE:{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def checkpoint_tokenizer(ckpt):
+    """The tokenizer the model was trained with: saved in the checkpoint, else the one beside its data."""
+    if ckpt.get("tokenizer"):
+        return Tokenizer.from_str(ckpt["tokenizer"])
+    path = os.path.join("data", str(ckpt["config"].get("dataset")), "tokenizer.json")  # where train.py read it
+    if not os.path.isfile(path):
+        raise UserError(f"the checkpoint holds no tokenizer and {path} does not exist: run prepare.py for its dataset")
+    return prepare.load_tokenizer(path)
+
+
+def load(cfg):
+    """(model, tokenizer) as --init_from says."""
+    if cfg["init_from"] == "smollm2-135m":
+        return pretrained.smollm2_135m()
+    path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one first (python train.py), pass --out_dir=DIR, "
+                        "or use --init_from=smollm2-135m")
+    ckpt = train.load_checkpoint(path)
+    return train.model_from_checkpoint(ckpt), checkpoint_tokenizer(ckpt)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, kv_cache=True):
+    """Yield up to max_new_tokens token ids continuing idx [1, T], one at a time, so that the caller can
+    print as it goes and stop early. The decoding of Transformer.generate: the cache holds every position
+    until the context passes block_size; from then on the last block_size tokens are recomputed."""
+    block_size = model.config.block_size
+    caches = [KVCache(block_size) for _ in model.layers] if kv_cache else None
+    logits, _ = model(idx[:, -block_size:], caches=caches)
+    for _ in range(max_new_tokens):
+        token = sample_logits(logits[:, -1], temperature, top_k, top_p, generator)  # [1, 1]
+        yield token.item()
+        idx = torch.cat([idx, token], dim=1)
+        pos = idx.size(1) - 1  # the new token's position
+        if kv_cache and pos < block_size:
+            logits, _ = model(token, caches=caches, start_pos=pos)
+        else:
+            logits, _ = model(idx[:, -block_size:])
+
+
+def main(argv=None):
+    cfg = configure(defaults, argv)
+    check_options(cfg)
+    device = pick_device(cfg["device"])
+    dtype = pick_dtype(cfg["dtype"], device)
+    prompt = read_prompt(cfg["start"])
+    model, tokenizer = load(cfg)
+    model.eval().to(device)
+    ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+    ids = tokenizer.encode(prompt).ids
+    if not ids:
+        raise UserError("the prompt is empty: give --start some text")
+    block_size = model.config.block_size
+    if len(ids) > block_size:
+        print(f"note: the prompt has {len(ids)} tokens, more than block_size {block_size}: "
+              f"keeping its last {block_size}", file=sys.stderr)
+        ids = ids[-block_size:]
+    eot = prepare.eot_id(tokenizer) if cfg["stop_at_eot"] else None
+
+    torch.manual_seed(cfg["seed"])
+    generator = torch.Generator(device=device).manual_seed(cfg["seed"])
+    n_tokens, t0 = 0, time.perf_counter()
+    for _ in range(cfg["num_samples"]):
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        out, shown = list(ids), ""
+        if cfg["stream"]:
+            shown = tokenizer.decode(out, skip_special_tokens=False)
+            print(shown, end="", flush=True)
+        with ctx:
+            for token in generate(model, idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"],
+                                  cfg["top_p"], generator, cfg["kv_cache"]):
+                n_tokens += 1
+                if token == eot:
+                    break
+                out.append(token)
+                if cfg["stream"]:
+                    text = tokenizer.decode(out, skip_special_tokens=False)
+                    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                        print(text[len(shown):], end="", flush=True)
+                        shown = text
+        text = tokenizer.decode(out, skip_special_tokens=False)
+        print(text[len(shown):] if cfg["stream"] else text)
+        print("---------------")
+    seconds = time.perf_counter() - t0
+    print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s "
+          f"({'with' if cfg['kv_cache'] else 'without'} KV cache, {device}, {str(dtype)[6:]})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -3,10 +3,11 @@ nanoGPT-style configuration, shared by every script.
 
 A script declares its settings as a dict of defaults, then calls `configure(defaults, argv)`:
 
-    python train.py config/deepseek_moe.py --batch_size=8 --compile=False --start "Once upon a time"
+    python train.py config/deepseek_moe.py --batch_size=8 --compile=False --start "Once upon a time" --quick
 
 Arguments that do not start with `--` are python config files holding plain assignments, applied in
-order; `--key=value` and `--key value` override single settings afterwards. Unlike nanoGPT's exec of
+order; `--key=value` and `--key value` override single settings afterwards, and a bare `--flag`
+sets a boolean to True. Unlike nanoGPT's exec of
 globals, every key must already exist in the defaults and keep its type, so a typo is an error
 rather than a silent new global.
 
@@ -85,6 +86,8 @@ def configure(defaults, argv=None):
             _apply_file(config, arg)
             continue
         key, eq, text = arg[2:].partition("=")
+        if not eq and isinstance(defaults.get(key), bool) and (i >= len(argv) or argv[i].startswith("--")):
+            eq, text = "=", "True"  # a bare boolean flag: `--quick` means `--quick=True`
         if not eq:  # `--key value`
             if i >= len(argv):
                 raise UserError(f"--{key} needs a value (--{key}=VALUE)")

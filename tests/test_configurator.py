@@ -22,6 +22,7 @@ def test_types():
     assert configure(DEFAULTS, ["--learning_rate=1"])["learning_rate"] == 1.0  # ints widen to floats
     assert configure(DEFAULTS, ["--out_dir", "123"])["out_dir"] == "123"       # strings stay raw text
     assert configure(DEFAULTS, ["--top_k=5"])["top_k"] == 5                    # None accepts any literal
+    assert configure(DEFAULTS, ["--compile=False", "--compile"])["compile"] is True  # a bare boolean flag
     with pytest.raises(UserError, match="batch_size must be int"):
         configure(DEFAULTS, ["--batch_size=2.5"])
     with pytest.raises(UserError, match="compile"):

@@ -293,21 +293,23 @@ def stream_texts(source):
             options = {"sample_by": "paragraph"} if source["builder"] == "text" else {}
             ds = load_dataset(source["builder"], data_files=[f["path"] for f in source["files"]], split="train",
                               streaming=True, **options)
-        rows = iter(ds)
+        batches = ds.iter(batch_size=BATCH_DOCS)  # columns of many rows: far fewer python objects than rows
     except Exception as e:  # a malformed file or a failed download: one line, no traceback
         raise UserError(f"cannot read the corpus: {type(e).__name__}: {first_line(e)}")
     while True:
         try:
-            row = next(rows)
+            batch = next(batches)
         except StopIteration:
             return
         except Exception as e:
             raise UserError(f"cannot read the corpus: {type(e).__name__}: {first_line(e)}")
-        if "text" not in row:
-            raise UserError(f"the corpus has no 'text' field (fields found: {', '.join(row) or 'none'})")
-        if row["text"] is not None and not isinstance(row["text"], str):
-            raise UserError(f"the corpus' 'text' field holds {type(row['text']).__name__}, not text")
-        yield row["text"]
+        if "text" not in batch:
+            raise UserError(f"the corpus has no 'text' field (fields found: {', '.join(batch) or 'none'})")
+        bad = next((t for t in batch["text"] if t is not None and not isinstance(t, str)), None)
+        if bad is not None:
+            raise UserError(f"the corpus' 'text' field holds {type(bad).__name__}, not text")
+        # txt: a paragraph keeps the newlines around it beyond the first blank line and at the end of the file
+        yield from (t.strip("\n") for t in batch["text"] if t) if source.get("builder") == "text" else batch["text"]
 
 
 TRIPLE_QUOTED = re.compile(r'"""(.*?)"""|\'\'\'(.*?)\'\'\'', re.S)
@@ -389,7 +391,7 @@ def init_worker(tok_json, eot):
 def encode(texts, tok=None, eot=None):
     """Token ids of each text followed by the end-of-text id, as uint16 arrays."""
     tok, eot = (tok, eot) if tok is not None else _worker
-    encodings = tok.encode_batch_fast(texts, add_special_tokens=False)  # no offsets: faster
+    encodings = tok.encode_batch(texts, add_special_tokens=False)
     return [np.array(e.ids + [eot], dtype=np.uint16) for e in encodings]
 
 
@@ -498,29 +500,26 @@ def write_shards(out_dir, meta, docs, settings):
         write_meta(out_dir, meta)  # after the shard: meta.json never names a shard that is not whole
         fill = 0
 
-    doc_bar = tqdm(desc="documents", unit="doc", initial=meta["next"]["doc"], position=0,
-                   total=settings["num_docs"] or None)
-    tok_bar = tqdm(desc="tokens", unit="tok", unit_scale=True, initial=written, position=1,
-                   total=max_tokens or None)
     doc, offset = meta["next"]["doc"], meta["next"]["offset"]
-    for ids in docs:
-        if doc == val_docs and split == "val":
-            flush(doc, 0)  # the last val shard
-            split = "train"
-        part = ids[offset:max_tokens - written + offset] if max_tokens else ids[offset:]
-        tok_bar.update(len(part))
-        while len(part):
-            take = min(len(part), S - fill)
-            buf[fill:fill + take] = part[:take]
-            fill, written, offset, part = fill + take, written + take, offset + take, part[take:]
-            if fill == S:
-                flush(*((doc + 1, 0) if offset == len(ids) else (doc, offset)))
-        doc, offset = doc + 1, 0
-        doc_bar.update()
-        if max_tokens and written >= max_tokens:
-            break
-    doc_bar.close()
-    tok_bar.close()
+    with tqdm(desc="documents", unit="doc", initial=doc, total=settings["num_docs"] or None, position=0) as doc_bar, \
+         tqdm(desc="tokens", unit="tok", unit_scale=True, initial=written, total=max_tokens or None,
+              position=1) as tok_bar:
+        for ids in docs:
+            if doc == val_docs and split == "val":
+                flush(doc, 0)  # the last val shard
+                split = "train"
+            part = ids[offset:max_tokens - written + offset] if max_tokens else ids[offset:]
+            tok_bar.update(len(part))
+            while len(part):
+                take = min(len(part), S - fill)
+                buf[fill:fill + take] = part[:take]
+                fill, written, offset, part = fill + take, written + take, offset + take, part[take:]
+                if fill == S:
+                    flush(*((doc + 1, 0) if offset == len(ids) else (doc, offset)))
+            doc, offset = doc + 1, 0
+            doc_bar.update()
+            if max_tokens and written >= max_tokens:
+                break
     if split == "val":
         raise UserError(f"the corpus ran out after {doc} documents (or --max_tokens={max_tokens} tokens) within "
                         f"the {val_docs} val documents: lower --val_docs (with --overwrite=True)")

@@ -282,3 +282,20 @@ def test_shards_from_another_tokenizer_are_refused_and_kept(corpus, reference):
     proc = run(corpus["dir"], f"--data_files={corpus['jsonl']}", "--name=ref", "--tokenizer=bpe:300", *ARGS)
     assert_error(proc, "different tokenizer", "--overwrite=True")
     assert all_bytes(reference) == before
+
+
+def test_txt_files_and_limits(corpus, monkeypatch):
+    """txt: blank lines separate documents; --num_docs and --max_tokens cut the same stream short."""
+    monkeypatch.chdir(corpus["dir"])
+    docs = [d.replace("\n", " ") for d in corpus["docs"]]
+    for i in range(2):
+        (corpus["dir"] / f"t{i}.txt").write_text("\n\n".join(docs[i * 15:(i + 1) * 15]) + "\n")
+    files = f"--data_files={corpus['dir'] / 't*.txt'}"
+    prepare.main([files, "--name=txt", "--num_proc=1", "--val_docs=2", "--shard_tokens=1000", "--num_docs=20"])
+    tok = Tokenizer.from_file("data/txt/tokenizer.json")
+    ids = [np.concatenate(shards("data/txt", s)).tolist() for s in ("val", "train")]
+    want = [[i for d in part for i in tok.encode(d).ids + [0]] for part in (docs[:2], docs[2:20])]
+    assert ids == want
+    prepare.main([files, "--name=cut", "--num_proc=1", "--val_docs=2", "--shard_tokens=1000", "--max_tokens=555"])
+    got = np.concatenate(shards("data/cut", "val") + shards("data/cut", "train")).tolist()
+    assert len(got) == 555 and got == (want[0] + want[1])[:555]

@@ -97,7 +97,7 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if "Weights only load failed" in str(e):
+        if "Unsupported global" in str(e):  # weights_only refused a python class: pickle would run code
             raise UserError(f"{path} holds python objects that only pickle can load; refusing to run "
                             "its code (only checkpoints written by train.py are supported)")
         raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt: "

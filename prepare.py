@@ -21,6 +21,7 @@ interrupted run (Ctrl-C, kill) leaves only whole shards, and the same command co
 ending with the same bytes as an uninterrupted run.
 """
 
+import contextlib
 import glob
 import hashlib
 import importlib.metadata
@@ -409,27 +410,33 @@ def encode(texts, tok=None, eot=None):
     return [np.array(e.ids + [eot], dtype=np.uint16) for e in encodings]
 
 
-def encoded_docs(texts, tok, eot, num_proc):
-    """The documents' token arrays in order, encoded in batches by `num_proc` processes.
+def start_workers(tok, eot, num_proc):
+    """A pool of `num_proc` worker processes that load the tokenizer now; with 1, nothing (encode in place)."""
+    if num_proc == 1:
+        return contextlib.nullcontext()
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that may run streaming threads
+    return ctx.Pool(num_proc, initializer=init_worker, initargs=(tok.to_str(), eot))
+
+
+def encoded_docs(texts, tok, eot, pool, num_proc):
+    """The documents' token arrays in order, encoded in batches by the pool's workers (or here, without one).
 
     At most 2 batches per worker are in flight (Pool.imap would read the whole corpus ahead), so memory
     stays bounded however large the corpus.
     """
     texts = iter(texts)
     batches = iter(lambda: list(islice(texts, BATCH_DOCS)), [])
-    if num_proc == 1:
+    if pool is None:
         for batch in batches:
             yield from encode(batch, tok, eot)
         return
-    ctx = multiprocessing.get_context("spawn")  # never fork a process with streaming threads running
-    with ctx.Pool(num_proc, initializer=init_worker, initargs=(tok.to_str(), eot)) as pool:
-        pending = deque()
-        for batch in batches:
-            pending.append(pool.apply_async(encode, (batch,)))
-            if len(pending) >= 2 * num_proc:
-                yield from pending.popleft().get()
-        while pending:
+    pending = deque()
+    for batch in batches:
+        pending.append(pool.apply_async(encode, (batch,)))
+        if len(pending) >= 2 * num_proc:
             yield from pending.popleft().get()
+    while pending:
+        yield from pending.popleft().get()
 
 # -----------------------------------------------------------------------------
 # shards and meta.json
@@ -597,31 +604,33 @@ def main(argv=None):
                   f"nothing to do (--overwrite=True to prepare it again)")
             return
 
-    # read the first document before writing anything: an empty corpus or one without text ends here
-    texts = texts or open_texts(source)
-    first = meta["next"]["doc"] if meta else 0
-    stream = islice(texts(), first, cfg["num_docs"] or None)
-    head = list(islice(stream, 1))
-    if not head and not first:
-        raise UserError(f"the corpus is empty: no document with text in {source_name(source)}")
-    stream = (t for part in (head, stream) for t in part)
+    # the workers start first, to load the tokenizer while the corpus opens (seconds for the offline one)
+    with start_workers(tok, eot, cfg["num_proc"]) as pool:
+        # read the first document before writing anything: an empty corpus or one without text ends here
+        texts = texts or open_texts(source)
+        first = meta["next"]["doc"] if meta else 0
+        stream = islice(texts(), first, cfg["num_docs"] or None)
+        head = list(islice(stream, 1))
+        if not head and not first:
+            raise UserError(f"the corpus is empty: no document with text in {source_name(source)}")
+        stream = (t for part in (head, stream) for t in part)
 
-    if meta:
-        print(f"resuming {out_dir}: {sum(len(s) for s in meta['splits'].values())} whole shards already written")
-    else:
-        os.makedirs(out_dir, exist_ok=True)
-        clear(out_dir)  # with --overwrite: what an earlier preparation wrote
-        write_atomic(tok_path, tok.to_str().encode())
-        meta = {"tokenizer": spec, "tokenizer_sha256": fingerprint(tok), "vocab_size": vocab_size, "eot_id": eot,
-                "dtype": "uint16", "source": source, "settings": settings, "splits": {"train": [], "val": []},
-                "next": {"doc": 0, "offset": 0}, "complete": False}
-        write_meta(out_dir, meta)
-    t0 = time.time()
-    try:
-        n = write_shards(out_dir, meta, encoded_docs(stream, tok, eot, cfg["num_proc"]), settings)
-    except KeyboardInterrupt:
-        raise UserError(f"interrupted; {out_dir} holds the whole shards written so far: run the same command "
-                        f"again to continue")
+        if meta:
+            print(f"resuming {out_dir}: {sum(len(s) for s in meta['splits'].values())} whole shards already written")
+        else:
+            os.makedirs(out_dir, exist_ok=True)
+            clear(out_dir)  # with --overwrite: what an earlier preparation wrote
+            write_atomic(tok_path, tok.to_str().encode())
+            meta = {"tokenizer": spec, "tokenizer_sha256": fingerprint(tok), "vocab_size": vocab_size,
+                    "eot_id": eot, "dtype": "uint16", "source": source, "settings": settings,
+                    "splits": {"train": [], "val": []}, "next": {"doc": 0, "offset": 0}, "complete": False}
+            write_meta(out_dir, meta)
+        t0 = time.time()
+        try:
+            n = write_shards(out_dir, meta, encoded_docs(stream, tok, eot, pool, cfg["num_proc"]), settings)
+        except KeyboardInterrupt:
+            raise UserError(f"interrupted; {out_dir} holds the whole shards written so far: run the same command "
+                            f"again to continue")
     dt = time.time() - t0
     tokens = {s: sum(e["tokens"] for e in meta["splits"][s]) for s in ("train", "val")}
     print(f"wrote {out_dir}: {tokens['train']:,} train and {tokens['val']:,} val tokens in "

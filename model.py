@@ -430,24 +430,33 @@ class Transformer(nn.Module):
     # ---- generation ----
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
-        """Append exactly max_new_tokens tokens to idx [B, T], decoding with a KV cache (for MLA the
-        absorbed latent cache). Past block_size, the context is cropped to the last block_size tokens
-        and recomputed without a cache, since positions shift."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, kv_cache=True):
+        """idx [B, T] followed by exactly max_new_tokens new tokens (see `stream`)."""
+        new = self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, kv_cache)
+        return torch.cat([idx, *new], dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, kv_cache=True):
+        """Yield the next tokens [B, 1] after idx [B, T] one at a time, so a caller can print them or stop.
+
+        Decodes with a KV cache (for MLA the absorbed latent cache); kv_cache=False recomputes the whole
+        context for every token instead, to measure what the cache saves. Past block_size the context is
+        cropped to its last block_size tokens and recomputed without a cache, since positions shift.
+        """
         block_size = self.config.block_size
-        caches = [KVCache(block_size) for _ in self.layers]
+        caches = [KVCache(block_size) for _ in self.layers] if kv_cache else None
         logits, _ = self(idx[:, -block_size:], caches=caches)
         for step in range(max_new_tokens):
-            next_token = sample_logits(logits[:, -1], temperature, top_k, top_p, generator)  # [B, 1]
-            idx = torch.cat([idx, next_token], dim=1)
+            token = sample_logits(logits[:, -1], temperature, top_k, top_p, generator)  # [B, 1]
+            yield token
             if step == max_new_tokens - 1:
-                break
-            pos = idx.size(1) - 1  # next_token's position; the cache holds all before it until cropping starts
-            if pos < block_size:
-                logits, _ = self(next_token, caches=caches, start_pos=pos)
+                return
+            idx = torch.cat([idx, token], dim=1)
+            pos = idx.size(1) - 1  # the new token's position; the cache holds everything before it
+            if caches and pos < block_size:
+                logits, _ = self(token, caches=caches, start_pos=pos)
             else:
                 logits, _ = self(idx[:, -block_size:])
-        return idx
 
 
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

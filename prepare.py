@@ -529,6 +529,8 @@ def write_shards(out_dir, meta, docs, settings):
          tqdm(desc="tokens", unit="tok", unit_scale=True, initial=written, total=max_tokens or None,
               position=1) as tok_bar:
         for ids in docs:
+            if max_tokens and written >= max_tokens:  # checked first, so that a resumed run counts docs alike
+                break
             if doc == val_docs and split == "val":
                 flush(doc, 0)  # the last val shard
                 split = "train"
@@ -542,8 +544,6 @@ def write_shards(out_dir, meta, docs, settings):
                     flush(*((doc + 1, 0) if offset == len(ids) else (doc, offset)))
             doc, offset = doc + 1, 0
             doc_bar.update()
-            if max_tokens and written >= max_tokens:
-                break
     if split == "val":
         raise UserError(f"the corpus ran out after {doc} documents (or --max_tokens={max_tokens} tokens) within "
                         f"the {val_docs} val documents: lower --val_docs (with --overwrite=True)")

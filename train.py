@@ -340,9 +340,11 @@ def train(config, device, dtype, autocast, use_compile, ddp, world, rank, micro_
         pre, tok = pretrained.smollm2_135m()
         # the architecture is SmolLM2's; the context length and dropout of this run may differ
         check_same_model(config, dataclasses.asdict(pre.config), "SmolLM2-135M", ignore=("block_size", "dropout"))
-        raw_model = Transformer(dataclasses.replace(pre.config, block_size=block_size, dropout=config["dropout"]))
-        raw_model.load_state_dict(pre.state_dict())
-        del pre
+        raw_model = pre
+        if (pre.config.block_size, pre.config.dropout) != (block_size, config["dropout"]):
+            raw_model = Transformer(dataclasses.replace(pre.config, block_size=block_size, dropout=config["dropout"]))
+            raw_model.load_state_dict(pre.state_dict())  # the RoPE tables are rebuilt, not loaded
+            del pre
         tokenizer = tokenizer or tok.to_str()
     elif ckpt is not None:
         raw_model = model_from_checkpoint(ckpt).train()

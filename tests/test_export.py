@@ -20,18 +20,21 @@ from model import ModelConfig, Transformer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=512, block_size=64, n_embd=64, n_head=4, intermediate_size=96)
 CONFIGS = {
-    "dense_gqa": dict(attention="gqa", n_layer=2, n_kv_head=2, tie_embeddings=True),
+    "dense_gqa": dict(attention="gqa", n_layer=2, n_kv_head=2, tie_embeddings=True, rope_theta=100000.0),
     # q_lora_rank 0 (q_proj), untied head, norm_eps large enough that transformers' fixed 1e-6 latent eps
     # would show if the export did not compensate for it
     "mla_moe": dict(attention="mla", n_layer=3, q_lora_rank=0, kv_lora_rank=32, qk_nope_head_dim=16,
                     qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=6, n_activated_experts=2,
                     n_shared_experts=2, moe_intermediate_size=32, first_k_dense=1, route_scale=1.5,
-                    norm_eps=1e-3, tie_embeddings=False, bias_update_rate=0.01),
+                    norm_eps=1e-3, tie_embeddings=False, bias_update_rate=0.01, rope_theta=500.0),
     # compressed queries (q_a_proj, q_a_layernorm, q_b_proj), all layers MoE, tied head
     "mla_moe_q_lora": dict(attention="mla", n_layer=2, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
                            qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, n_activated_experts=3,
                            n_shared_experts=1, moe_intermediate_size=32, first_k_dense=0,
                            norm_eps=1e-4, tie_embeddings=True, bias_update_rate=0.01),
+    # MLA with dense SwiGLU layers only: DeepSeek-V3 with every layer among the "first dense" ones
+    "mla_dense": dict(attention="mla", n_layer=2, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                      v_head_dim=16, n_routed_experts=0),
 }
 
 

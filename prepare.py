@@ -298,7 +298,6 @@ def stream_texts(source):
     """Iterator over the `text` field of a Hub dataset or of local files, streamed by `datasets`."""
     if source["type"] == "files" and not any(f["bytes"] for f in source["files"]):
         return  # datasets fails on empty files instead of reading no rows
-    os.environ.setdefault("USE_TORCH", "0")  # else datasets imports torch (5 s) for a counter we never use
     import datasets  # slow to import: only when a dataset is read
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach the user as our one line
     try:
@@ -402,6 +401,7 @@ _worker = None  # (tokenizer, eot id) in a worker process
 
 def init_worker(tok_json, eot):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process to handle
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the processes are the parallelism
     global _worker
     _worker = (Tokenizer.from_str(tok_json), eot)
 
@@ -572,7 +572,6 @@ def check_settings(cfg):
 def main(argv=None):
     cfg = configure(DEFAULTS, argv)
     check_settings(cfg)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the worker processes are the parallelism
     out_dir = os.path.join("data", cfg["name"])
     settings = {k: cfg[k] for k in ("num_docs", "max_tokens", "val_docs", "shard_tokens")}
     spec = cfg["tokenizer"]
@@ -642,4 +641,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # set here, not in main(), so that importing prepare changes nothing in the importing process
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # --num_proc=1 means one thread too
+    os.environ.setdefault("USE_TORCH", "0")  # else datasets imports torch (5 s) for a counter it never uses
     run_main(main)

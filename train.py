@@ -291,11 +291,14 @@ def main(argv=None):
     device = config["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={device} but CUDA is not available: use --device=cpu")
     if device == "cuda" and ddp:
         device = f"cuda:{local_rank}"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+    if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not torch.backends.mps.is_available()):
+        raise UserError(f"device={device} is not available here: use --device=cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores

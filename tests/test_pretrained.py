@@ -16,15 +16,6 @@ import pretrained
 PROMPT = "Once upon a time, in a small village,"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops: one intra-op thread is faster than two, and does not spin against other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models():
     """(ours, theirs, tokenizer): 135M parameters each, loaded once for the module."""

@@ -82,10 +82,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # in float32: the mean of squares under- or overflows easily in half precision
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).type_as(x)
+        # x * rsqrt(mean(x^2) + eps) * weight, in float32: the mean of squares under- or overflows in half precision
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
 
 
 def rope_tables(dim, max_len, theta):
@@ -294,8 +292,8 @@ class MoE(nn.Module):
             y = y + self.shared_experts(x)
         if self.training:
             self.expert_counts += counts.to(self.expert_counts.dtype)
-            self.aux_loss = self.sequence_aux_loss(scores.view(B, T, -1), indices.view(B, T, -1)) \
-                if self.aux_loss_alpha > 0 else None
+        self.aux_loss = (self.sequence_aux_loss(scores.view(B, T, -1), indices.view(B, T, -1))
+                         if self.training and self.aux_loss_alpha > 0 else None)
         return y.view(B, T, D)
 
     def dispatch(self, x, weights, indices, counts):
@@ -303,7 +301,10 @@ class MoE(nn.Module):
         order = indices.flatten().argsort(stable=True)                     # pairs grouped by expert
         token_of = order // self.top_k                                     # [N*k] token of each pair
         chunks = x[token_of].split(counts.tolist())                        # one slice per expert
-        out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])  # [N*k, D]
+        # an expert without tokens still runs on its empty slice when training, so that every expert
+        # takes part in autograd (DDP expects it); in inference (decoding: a few tokens) it is skipped
+        out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)
+                         if len(chunk) or torch.is_grad_enabled()])        # [N*k, D]
         out = out * weights.flatten()[order].unsqueeze(1).to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, out)            # sum each token's experts
 

@@ -6,6 +6,7 @@ from dataclasses import fields
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -336,3 +337,21 @@ def test_generate_without_cache_and_stream_agree():
     streamed = list(model.stream(prompt, 25, temperature=0))
     assert torch.equal(cached, uncached)
     assert torch.equal(torch.cat(streamed, 1), model.generate(prompt, 25, temperature=0)[:, 6:])
+
+
+def test_rmsnorm_matches_formula():
+    from model import RMSNorm
+    norm = RMSNorm(16, eps=1e-3)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 16)
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-3) * norm.weight
+    assert torch.allclose(norm(x), expected, atol=1e-6)
+
+
+def test_eval_loss_has_no_stale_aux_loss():
+    model = tiny(**{**VARIANTS["mla_qlora_moe"], "aux_loss_alpha": 0.5}).train()
+    idx = torch.randint(0, 97, (2, 16))
+    _, train_loss = model(idx, idx)
+    logits, train_ce = model.eval()(idx, idx)
+    assert torch.allclose(train_ce, F.cross_entropy(logits.flatten(0, 1), idx.flatten()))
+    assert train_loss.item() != pytest.approx(train_ce.item())  # the aux loss was there when training

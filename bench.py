@@ -1,0 +1,246 @@
+"""
+Measured speed on the current device, side by side with Hugging Face transformers on the same weights.
+
+    python bench.py --quick          # about 2-4 minutes on 2 CPU cores
+    python bench.py                  # more repetitions, longer generations
+    python bench.py --device=cuda --dtype=bfloat16 --compile=True \
+        --dense_config=config/smollm2_135m.py --moe_config=config/deepseek_moe.py --batch_size=8 --block_size=1024
+
+Every figure is the median of several timed repetitions after warm-up. Sections:
+1. training step (forward + backward + AdamW) tokens/s and MFU: ours vs LlamaForCausalLM (dense config) and
+   DeepseekV3ForCausalLM (MLA + MoE config), built through export_hf's mapping from the same weights;
+2. greedy generation tokens/s with the KV cache at batch 1 and 8 (ours vs transformers' generate, checking
+   that both produce the same tokens) and KV-cache bytes per token;
+3. the MoE layer alone: our sorted dispatch vs a per-expert masked loop over all tokens (forward + backward);
+4. prepare.py tokenization tokens/s with 1 worker and with all cores.
+Prints a markdown table and writes bench.json.
+"""
+
+import importlib.util
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+
+import train
+from configurator import UserError, configure, run_main
+from export_hf import hf_config, hf_tensors
+from model import KVCache, ModelConfig, MoE, Transformer
+from sample import pick_device, pick_dtype
+
+DEFAULTS = dict(
+    device="auto",                      # auto: cuda, then mps, then cpu
+    dtype="auto",                       # auto: bfloat16 autocast on GPUs that support it, float32 on CPU
+    compile=False,                      # torch.compile our model (transformers' stays eager)
+    quick=False,                        # fewer repetitions and shorter generations
+    dense_config="config/bench_dense.py",  # dense GQA (compared with LlamaForCausalLM)
+    moe_config="config/bench_moe.py",      # MLA + MoE (compared with DeepseekV3ForCausalLM)
+    batch_size=8,                       # training-step batch
+    block_size=128,                     # training-step sequence length
+    gen_tokens=64,                      # new tokens per generation
+    prepare=True,                       # also time prepare.py's tokenizer on the offline corpus
+    out="bench.json",
+)
+
+
+def timed(fn, reps, warmup=1, sync=lambda: None):
+    """Median seconds of fn() over reps runs, after warmup runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def model_config(path, block_size):
+    """The model a config file describes (via train.py's defaults, so training keys are accepted)."""
+    config = configure(train.DEFAULTS, [path, f"--block_size={block_size}"])
+    return ModelConfig(**{k: config[k] for k in train.MODEL_KEYS})
+
+
+def twins(cfg, device):
+    """Our model and the transformers model with the same weights, loaded from export_hf's files."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    ours = Transformer(cfg)
+    for moe in ours.moe_layers():  # a trained router has non-zero balancing biases
+        moe.router.bias.uniform_(-0.01, 0.01)
+    with tempfile.TemporaryDirectory() as hf_dir:
+        with open(os.path.join(hf_dir, "config.json"), "w") as f:
+            json.dump(hf_config(cfg, eot_id=0, dtype=torch.float32), f)
+        save_file(hf_tensors(ours), os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa", dtype=torch.float32)
+    return ours.to(device), hf.to(device)
+
+
+def train_step_bench(ours, hf, cfg, args, device, autocast, sync, peak):
+    B, T = args["batch_size"], cfg.block_size
+    x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    y = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    compiled = torch.compile(ours) if args["compile"] else ours
+
+    def step(model, loss_of):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def run():
+            with autocast:
+                loss = loss_of(model)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    ours_step = step(compiled, lambda m: m(x, y)[1])
+    hf_step = step(hf, lambda m: m(input_ids=x, labels=x).loss)  # labels shifted inside: T-1 targets
+    reps = 3 if args["quick"] else 7
+    rows = {}
+    for name, run in (("ours", ours_step), ("transformers", hf_step)):
+        seconds = timed(run, reps, warmup=2, sync=sync)
+        tok_s = B * T / seconds
+        rows[name] = dict(tokens_per_s=tok_s, mfu=ours.flops_per_token(T) * tok_s / peak if peak else None)
+    ours.pop_expert_counts()
+    return rows
+
+
+def kv_bytes_per_token(ours, hf, cfg, device):
+    caches = [KVCache(4) for _ in ours.layers]
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        ours(prompt, caches=caches)
+        past = hf(input_ids=prompt, use_cache=True).past_key_values
+    hf_bytes = sum(t[0, :, -1].numel() * t.element_size() for layer in past.layers for t in (layer.keys, layer.values))
+    return sum(c.bytes_per_token() for c in caches), hf_bytes
+
+
+def generation_bench(ours, hf, cfg, args, device, autocast, sync):
+    n_new = 16 if args["quick"] else args["gen_tokens"]
+    reps = 3 if args["quick"] else 5
+    rows = {}
+    for B in (1, 8):
+        prompt = torch.randint(1, cfg.vocab_size, (B, 16), device=device)
+        with autocast:
+            ours_out = ours.generate(prompt, n_new, temperature=0)
+            hf_out = hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+            t_ours = timed(lambda: ours.generate(prompt, n_new, temperature=0), reps, sync=sync)
+            t_hf = timed(lambda: hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                                             eos_token_id=None, pad_token_id=0), reps, sync=sync)
+        rows[f"batch {B}"] = dict(ours=B * n_new / t_ours, transformers=B * n_new / t_hf,
+                                  same_tokens=bool(torch.equal(ours_out, hf_out)))
+    return rows
+
+
+def masked_moe(moe, x):
+    """The naive baseline: every routed expert runs on every token; a mask zeroes the unchosen ones."""
+    weights, indices, _ = moe.router(x)
+    y = moe.shared_experts(x) if moe.shared_experts is not None else torch.zeros_like(x)
+    for e, expert in enumerate(moe.experts):
+        w = (weights * (indices == e)).sum(-1, keepdim=True)               # [N, 1], 0 unless chosen
+        y = y + w.to(x.dtype) * expert(x)
+    return y
+
+
+def moe_layer_bench(cfg, args, device, sync):
+    reps = 3 if args["quick"] else 7
+    N = args["batch_size"] * cfg.block_size
+    rows = {}
+    for E, k in ((8, 2), (16, 2), (64, 6)):
+        torch.manual_seed(0)
+        moe = MoE(replace(cfg, n_routed_experts=E, n_activated_experts=k)).to(device)
+        x = torch.randn(1, N, cfg.n_embd, device=device, requires_grad=True)
+        ref = masked_moe(moe, x[0])
+        assert torch.allclose(moe(x)[0], ref, atol=1e-4), "dispatch and masked loop disagree"
+        t_ours = timed(lambda: moe(x).square().mean().backward(), reps, sync=sync)
+        t_loop = timed(lambda: masked_moe(moe, x[0]).square().mean().backward(), reps, sync=sync)
+        rows[f"{E} experts, top-{k}"] = dict(ours_ms=t_ours * 1e3, masked_loop_ms=t_loop * 1e3)
+    return rows
+
+
+def prepare_bench(quick):
+    """prepare.py on the offline corpus with 1 worker and all cores; tokens/s as it reports them."""
+    rows = {}
+    limit = "2000000" if quick else "20000000"
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers in sorted({1, os.cpu_count()}):
+            name = os.path.join(tmp, f"w{workers}")
+            cmd = [sys.executable, "prepare.py", f"--name={name}", f"--num_proc={workers}",
+                   f"--max_tokens={limit}", "--overwrite"]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            found = re.findall(r"([\d,.]+)\s*tokens/s", out.stdout + out.stderr)
+            rows[f"{workers} worker(s)"] = float(found[-1].replace(",", "")) if out.returncode == 0 and found else None
+    return rows
+
+
+def table(results):
+    lines = [f"Machine: {results['machine']}; peak: {results['peak']}", "",
+             "| what | ours | transformers | ratio |", "| --- | --- | --- | --- |"]
+    for family, rows in results["train"].items():
+        o, h = rows["ours"], rows["transformers"]
+        mfu = f", MFU {o['mfu']:.1%}" if o["mfu"] else ""
+        lines.append(f"| train step, {family} (tokens/s) | {o['tokens_per_s']:,.0f}{mfu} | "
+                     f"{h['tokens_per_s']:,.0f} | {o['tokens_per_s'] / h['tokens_per_s']:.2f}x |")
+    for family, rows in results["generate"].items():
+        for batch, r in rows.items():
+            same = "" if r["same_tokens"] else " (tokens differ!)"
+            lines.append(f"| generate, {family}, {batch} (tokens/s) | {r['ours']:,.0f} | {r['transformers']:,.0f} | "
+                         f"{r['ours'] / r['transformers']:.2f}x{same} |")
+    for family, (ours_b, hf_b) in results["kv_bytes_per_token"].items():
+        lines.append(f"| KV cache, {family} (bytes/token, all layers) | {ours_b:,} | {hf_b:,} | |")
+    lines += ["", "| MoE layer, forward + backward | sorted dispatch (ms) | masked loop (ms) | speed-up |",
+              "| --- | --- | --- | --- |"]
+    for name, r in results["moe_layer"].items():
+        lines.append(f"| {name} | {r['ours_ms']:.1f} | {r['masked_loop_ms']:.1f} | "
+                     f"{r['masked_loop_ms'] / r['ours_ms']:.1f}x |")
+    if results.get("prepare"):
+        lines += ["", "| prepare.py tokenization | tokens/s |", "| --- | --- |"]
+        lines += [f"| {k} | {v:,.0f} |" if v else f"| {k} | failed |" for k, v in results["prepare"].items()]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = configure(DEFAULTS, argv)
+    if importlib.util.find_spec("transformers") is None:
+        raise UserError("bench.py compares against transformers: pip install -r requirements-dev.txt")
+    device = pick_device(args["device"])
+    dtype = pick_dtype(args["dtype"], device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    peak, peak_note = train.peak_flops(device)
+    results = dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                           f"torch {torch.__version__}, {device.type}"
+                           + (f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
+                           + f", {str(dtype).removeprefix('torch.')}",
+                   peak=peak_note, train={}, generate={}, kv_bytes_per_token={})
+    for family, path in (("dense GQA", args["dense_config"]), ("MLA + MoE", args["moe_config"])):
+        cfg = model_config(path, args["block_size"])
+        print(f"{family}: {path}, {cfg.n_layer} layers, width {cfg.n_embd}", file=sys.stderr)
+        ours, hf = twins(cfg, device)
+        results["train"][family] = train_step_bench(ours, hf, cfg, args, device, autocast, sync, peak)
+        ours.eval(), hf.eval()
+        results["kv_bytes_per_token"][family] = kv_bytes_per_token(ours, hf, cfg, device)
+        results["generate"][family] = generation_bench(ours, hf, cfg, args, device, autocast, sync)
+        if family == "MLA + MoE":
+            results["moe_layer"] = moe_layer_bench(cfg, args, device, sync)
+    if args["prepare"]:
+        results["prepare"] = prepare_bench(args["quick"])
+    print(table(results))
+    with open(args["out"], "w") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    run_main(main)

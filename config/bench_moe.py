@@ -1,0 +1,19 @@
+# bench.py's MLA + DeepSeekMoE model (deepseek_moe family), sized for a CPU benchmark like bench_dense.py.
+attention = "mla"
+vocab_size = 8192
+block_size = 256
+n_layer = 4
+n_embd = 256
+n_head = 8
+q_lora_rank = 0
+kv_lora_rank = 64
+qk_nope_head_dim = 32
+qk_rope_head_dim = 16
+v_head_dim = 32
+intermediate_size = 768
+n_routed_experts = 16
+n_activated_experts = 2
+n_shared_experts = 1
+moe_intermediate_size = 128
+first_k_dense = 1
+tie_embeddings = True

@@ -33,7 +33,7 @@ import prepare
 from pretrained import hf_name
 from sample import checkpoint_tokenizer
 
-defaults = dict(
+DEFAULTS = dict(
     out_dir="out",  # the directory holding ckpt.pt
     hf_dir="",      # where to write the transformers files; "" means out_dir/hf
 )
@@ -189,7 +189,7 @@ def export(model, tokenizer, hf_dir):
 
 
 def main(argv=None):
-    cfg = configure(defaults, argv)
+    cfg = configure(DEFAULTS, argv)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if not os.path.isfile(ckpt_path):
         raise UserError(f"no checkpoint at {ckpt_path}: train one first (python train.py) or pass --out_dir=DIR")

@@ -23,7 +23,7 @@ import pretrained
 import train
 from configurator import UserError, configure, run_main
 
-defaults = dict(
+DEFAULTS = dict(
     out_dir="out",          # the checkpoint directory for init_from="resume"
     init_from="resume",     # "resume" (out_dir/ckpt.pt) or "smollm2-135m" (pretrained SmolLM2-135M weights)
     start="\n",             # the prompt, or FILE:path to read it from a file
@@ -117,7 +117,7 @@ def load(cfg):
 
 
 def main(argv=None):
-    cfg = configure(defaults, argv)
+    cfg = configure(DEFAULTS, argv)
     check_options(cfg)
     device = pick_device(cfg["device"])
     dtype = pick_dtype(cfg["dtype"], device)

@@ -23,7 +23,7 @@ def read_metrics(path):
             try:
                 records.append(json.loads(line))
             except ValueError:
-                pass
+                pass  # a line cut short by a kill: the rest of the log still plots
     if not any("loss" in r for r in records):
         raise UserError(f"{path} has no training steps logged yet: train longer than log_interval steps")
     return records

@@ -89,7 +89,7 @@ def hub_reachable(timeout=3.0):
                                      timeout=timeout).close()
             answered.append(True)
         except OSError:
-            pass
+            pass  # unreachable: `answered` stays empty
 
     thread = threading.Thread(target=connect, daemon=True)
     thread.start()

@@ -250,8 +250,8 @@ def keep_metrics_until(path, iter_num):
             try:
                 if json.loads(line)["iter"] <= iter_num:
                     lines.append(line)
-            except (ValueError, KeyError, TypeError):  # e.g. a line cut short by a kill
-                pass
+            except (ValueError, KeyError, TypeError):
+                pass  # e.g. a line cut short by a kill: dropped
     with open(path + ".tmp", "w") as f:
         f.writelines(lines)
     os.replace(path + ".tmp", path)

@@ -130,7 +130,8 @@ def test_val_loss_falls_and_checkpoint_reproduces_it(trained, data):
 
 
 def test_checkpoint_contract(trained, data):
-    raw = torch.load(os.path.join(trained, "ckpt.pt"), map_location="cpu", weights_only=True)
+    path = os.path.join(trained, "ckpt.pt")
+    raw = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "model_config", "config", "tokenizer", "optimizer", "iter_num", "tokens_seen", "best_val_loss"):
         assert key in raw
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in raw["model"])
@@ -197,7 +198,8 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_exact(data, tmp_path):
     assert killed_at < stopped_at < 40
 
     run_inprocess(data, out, *args, "--init_from=resume")
-    a = torch.load(os.path.join(whole, "ckpt.pt"), weights_only=True)
+    whole_path = os.path.join(whole, "ckpt.pt")
+    a = torch.load(whole_path, weights_only=True)
     b = torch.load(ckpt_path, weights_only=True)
     assert a["iter_num"] == b["iter_num"] == 40
     assert any("router.bias" in k for k in a["model"])

@@ -35,7 +35,6 @@ import train
 from configurator import UserError, configure, run_main
 from export_hf import hf_config, hf_tensors
 from model import KVCache, ModelConfig, MoE, Transformer
-from sample import pick_device, pick_dtype
 
 DEFAULTS = dict(
     device="auto",                      # auto: cuda, then mps, then cpu
@@ -213,8 +212,8 @@ def main(argv=None):
     args = configure(DEFAULTS, argv)
     if importlib.util.find_spec("transformers") is None:
         raise UserError("bench.py compares against transformers: pip install -r requirements-dev.txt")
-    device = pick_device(args["device"])
-    dtype = pick_dtype(args["dtype"], device)
+    device = train.pick_device(args["device"])
+    dtype = train.DTYPES[train.pick_dtype(args["dtype"], device)]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     peak, peak_note = train.peak_flops(device)

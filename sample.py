@@ -57,33 +57,6 @@ def check_options(cfg):
         raise UserError(f"--num_samples={cfg['num_samples']}: must be at least 1")
 
 
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device={name}: not a device (use auto, cpu, cuda, cuda:N or mps)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device={name}: no CUDA GPU is available (use --device=cpu)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device={name}: MPS is not available (use --device=cpu)")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device={name}: use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
-def pick_dtype(name, device):
-    if name == "auto":
-        if device.type == "cuda":
-            name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            name = "float32"  # bfloat16 matmuls on CPUs without AMX are far slower than float32
-    if name not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype={name}: use auto, float32, bfloat16 or float16")
-    return getattr(torch, name)
-
-
 def read_prompt(start):
     if not start.startswith("FILE:"):
         return start
@@ -119,8 +92,8 @@ def load(cfg):
 def main(argv=None):
     cfg = configure(DEFAULTS, argv)
     check_options(cfg)
-    device = pick_device(cfg["device"])
-    dtype = pick_dtype(cfg["dtype"], device)
+    device = train.pick_device(cfg["device"])
+    dtype = train.DTYPES[train.pick_dtype(cfg["dtype"], device)]
     prompt = read_prompt(cfg["start"])
     model, tokenizer = load(cfg)
     model.eval().to(device)

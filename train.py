@@ -190,6 +190,34 @@ def get_batch(split, windows, block_size, device):
 # small helpers
 
 
+def pick_device(name):
+    """torch.device for a `device` setting: "auto" is cuda, then mps, then cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if (device.type == "cuda" and not torch.cuda.is_available()) or \
+            (device.type == "mps" and not torch.backends.mps.is_available()):
+        raise UserError(f"device={name} is not available here: use --device=cpu")
+    return device
+
+
+def pick_dtype(name, device):
+    """The precision name for a `dtype` setting: "auto" is bfloat16 on GPUs that have it, float16 on older
+    GPUs, float32 elsewhere (bfloat16 matmuls on CPUs without AMX are far slower than float32)."""
+    if name == "auto":
+        if device.type == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if name not in DTYPES:
+        raise UserError(f"dtype must be auto, {', '.join(DTYPES)}, not {name!r}")
+    return name
+
+
 def get_lr(it, config):
     """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters (nanoGPT)."""
     lr, min_lr, warmup, decay = config["learning_rate"], config["min_lr"], config["warmup_iters"], config["lr_decay_iters"]
@@ -263,8 +291,6 @@ def main(argv=None):
     config = configure(DEFAULTS, argv)
     if config["init_from"] not in ("scratch", "resume", "smollm2-135m"):
         raise UserError(f"init_from must be scratch, resume or smollm2-135m, not {config['init_from']!r}")
-    if config["dtype"] not in ("auto", *DTYPES):
-        raise UserError(f"dtype must be auto, {', '.join(DTYPES)}, not {config['dtype']!r}")
     if config["compile"] not in (None, True, False):
         raise UserError(f"compile must be True, False or None, not {config['compile']!r}")
     for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval", "block_size"):
@@ -288,24 +314,14 @@ def main(argv=None):
         check_writable(out_dir)
 
     # ---- device and precision ----
-    device = config["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device == "cuda" and ddp:
-        device = f"cuda:{local_rank}"
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
-    if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not torch.backends.mps.is_available()):
-        raise UserError(f"device={device} is not available here: use --device=cpu")
+    device = pick_device(config["device"])
+    if device.type == "cuda" and ddp and device.index is None:
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
         torch.backends.cudnn.allow_tf32 = True
-    dtype = config["dtype"]
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.type == "cuda" else "float32"
+    dtype = pick_dtype(config["dtype"], device)
     autocast = (contextlib.nullcontext() if dtype == "float32"
                 else torch.autocast(device_type=device.type, dtype=DTYPES[dtype]))
     use_compile = device.type == "cuda" if config["compile"] is None else config["compile"]

@@ -253,7 +253,8 @@ class Router(nn.Module):
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts))
 
     def forward(self, x):                                                  # x [N, dim]
-        logits = F.linear(x.float(), self.weight.float())                  # [N, E]
+        with torch.autocast(x.device.type, enabled=False):  # scores in float32 even under bf16 autocast:
+            logits = F.linear(x.float(), self.weight.float())              # [N, E]; near-ties decide routing
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         indices = (scores + self.bias).topk(self.top_k, dim=-1).indices    # [N, k]
         weights = scores.gather(1, indices)

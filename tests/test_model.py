@@ -355,3 +355,14 @@ def test_eval_loss_has_no_stale_aux_loss():
     logits, train_ce = model.eval()(idx, idx)
     assert torch.allclose(train_ce, F.cross_entropy(logits.flatten(0, 1), idx.flatten()))
     assert train_loss.item() != pytest.approx(train_ce.item())  # the aux loss was there when training
+
+
+def test_router_scores_stay_float32_under_autocast():
+    cfg = ModelConfig(**{**TINY, "n_routed_experts": 6, "n_activated_experts": 2})
+    torch.manual_seed(8)
+    moe = MoE(cfg)
+    x = torch.randn(32, cfg.n_embd)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, scores = moe.router(x)
+    assert scores.dtype == torch.float32
+    assert torch.allclose(scores, (x @ moe.router.weight.T).sigmoid(), atol=1e-6)

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 import train
 from configurator import UserError, configure, run_main
 import prepare
-from pretrained import hf_name
+from pretrained import hf_name, unfuse
 from sample import checkpoint_tokenizer
 
 DEFAULTS = dict(
@@ -137,7 +137,7 @@ def hf_tensors(model):
     c = model.config
     latent_scale = math.sqrt(1e-6 / c.norm_eps)
     tensors = {}
-    for name, t in model.state_dict().items():
+    for name, t in unfuse(model.state_dict(), c).items():
         if name == "lm_head.weight" and c.tie_embeddings:
             continue  # transformers re-ties it from the embedding
         t = t.detach().to("cpu")

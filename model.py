@@ -87,17 +87,19 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(dim, max_len, theta):
-    """cos and sin of position * inv_freq, each [max_len, dim // 2]."""
+    """cos and sin of position * inv_freq, each [max_len, dim]: the angles repeat over the two halves,
+    and sin carries the rotation's minus sign on the first half (see apply_rope)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # [max_len, dim // 2]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).float(), torch.cat([-sin, sin], dim=-1).float()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x [..., T, dim] by position: the first half of dims pairs with the second half."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.type_as(x)
+    """Rotate x [..., T, dim] by position: dim i pairs with dim i + dim/2, (x1, x2) -> (x1 cos - x2 sin,
+    x2 cos + x1 sin). Rolling x by dim/2 swaps its halves, so this is x * cos + roll(x) * sin."""
+    xf = x.float()  # rotated in float32 under autocast too, like the norms
+    return (xf * cos + xf.roll(x.size(-1) // 2, dims=-1) * sin).type_as(x)
 
 
 class KVCache:
@@ -142,18 +144,18 @@ class GroupedQueryAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.gqa_head_dim
-        self.wq = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        # W_q, W_k and W_v stacked by rows into one matmul (as nanoGPT's c_attn): the n_head query
+        # heads, then the n_kv_head key heads, then the n_kv_head value heads
+        self.wqkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, cache=None, start_pos=0):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # [B, H, T, D]
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv = self.n_head, self.n_kv_head
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)  # [B, H + 2 Hkv, T, D]
+        q, k = apply_rope(qkv[:, :H + Hkv], cos, sin).split([H, Hkv], dim=1)     # [B, H, T, D], [B, Hkv, T, D]
+        v = qkv[:, H + Hkv:]                                                       # [B, Hkv, T, D]
         if cache is not None:  # cached un-repeated: n_kv_head heads, not n_head
             k, v = cache.update("k", k, start_pos), cache.update("v", v, start_pos)
         y = attend(q, k, v, start_pos, dropout_p=self.dropout if self.training else 0.0)  # [B, H, T, D]
@@ -218,11 +220,11 @@ class MultiHeadLatentAttention(nn.Module):
         C = self.kv_lora_rank
         w = self.wkv_b.weight.view(self.n_head, -1, C)                     # [H, nope + v, C]
         w_uk, w_uv = w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
-        q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk.to(q_nope.dtype))  # W_UK folded into q
+        q_lat = torch.matmul(q_nope, w_uk.to(q_nope.dtype))                  # [B, H, T, C]: W_UK folded into q
         # the latent cache acts as a single key/value head shared by all query heads (MQA over latents)
         kv = cache.update("kv", torch.cat([c_kv.unsqueeze(1), k_pe], dim=-1), start_pos)  # [B, 1, S, C + R]
         o_lat = attend(torch.cat([q_lat, q_pe], dim=-1), kv, kv[..., :C], start_pos, self.softmax_scale)
-        return torch.einsum("bhtc,hvc->bhtv", o_lat, w_uv.to(o_lat.dtype))  # W_UV folded into output
+        return torch.matmul(o_lat, w_uv.to(o_lat.dtype).transpose(1, 2))  # [B, H, T, v]: W_UV folded into output
 
 
 class MLP(nn.Module):
@@ -230,12 +232,12 @@ class MLP(nn.Module):
 
     def __init__(self, dim, hidden):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.gate_up_proj = nn.Linear(dim, 2 * hidden, bias=False)  # W_gate stacked over W_up: one matmul
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Router(nn.Module):
@@ -333,7 +335,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.n_embd, cfg.intermediate_size)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()  # Identity: cheaper per call
 
     def forward(self, x, cos, sin, cache=None, start_pos=0):
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start_pos))
@@ -345,7 +347,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)

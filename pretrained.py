@@ -82,6 +82,37 @@ def our_name(name):
     return _rename(name, 1, 0)
 
 
+# Ours stacks W_q, W_k, W_v (GQA) and W_gate, W_up (SwiGLU) by rows into one matrix each; transformers
+# keeps them apart. Conversions go through the separate names (wq, wk, wv; gate_proj, up_proj), which
+# the tables above map.
+
+def unfuse(state, cfg):
+    """Our state dict with wqkv split into wq, wk, wv and gate_up_proj into gate_proj, up_proj (views)."""
+    D = cfg.gqa_head_dim
+    out = {}
+    for name, t in state.items():
+        if name.endswith("attn.wqkv.weight"):
+            parts = t.split([cfg.n_head * D, cfg.n_kv_head * D, cfg.n_kv_head * D])
+            out.update({name.replace("wqkv", p): w for p, w in zip(("wq", "wk", "wv"), parts)})
+        elif name.endswith("gate_up_proj.weight"):
+            out.update({name.replace("gate_up_proj", p): w for p, w in zip(("gate_proj", "up_proj"), t.chunk(2))})
+        else:
+            out[name] = t
+    return out
+
+
+def fuse(state):
+    """The inverse of unfuse. A set with a part missing stays apart (load_weights then names what is missing)."""
+    out = dict(state)
+    for fused, parts in (("attn.wqkv.weight", ("attn.wq.weight", "attn.wk.weight", "attn.wv.weight")),
+                         ("gate_up_proj.weight", ("gate_proj.weight", "up_proj.weight"))):
+        for name in [n for n in out if n.endswith(parts[0])]:
+            base = name[:-len(parts[0])]
+            if all(base + p in out for p in parts):  # MLA's attn.wq has no wk, wv beside it
+                out[base + fused] = torch.cat([out.pop(base + p) for p in parts])
+    return out
+
+
 # ---- the architecture ----
 
 def smollm2_config():
@@ -129,7 +160,7 @@ def load_hub(model, config_path, weights_path):
         "n_kv_head": hf["num_key_value_heads"], "intermediate_size": hf["intermediate_size"],
         "vocab_size": hf["vocab_size"], "rope_theta": theta, "norm_eps": hf["rms_norm_eps"],
         "tie_embeddings": hf["tie_word_embeddings"]}, HUB_REPO)
-    load_weights(model, {our_name(k): v.float() for k, v in load_file(weights_path).items()})
+    load_weights(model, fuse({our_name(k): v.float() for k, v in load_file(weights_path).items()}))
 
 
 # ---- from the GGUF file ----
@@ -152,7 +183,7 @@ def load_gguf(model, path):
         raise UserError(f"{path} has an untied output.weight, but config/smollm2_135m.py ties embeddings")
     gguf_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layer)  # transformers name -> GGUF name
     state = {}
-    for name, param in model.state_dict().items():
+    for name, param in unfuse(model.state_dict(), cfg).items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue
         qtype, raw = tensors[gguf_names.get_name(hf_name(name), try_suffixes=(".weight",))]
@@ -162,7 +193,7 @@ def load_gguf(model, path):
         elif name.endswith("attn.wk.weight"):
             w = unpermute_rope_rows(w, cfg.n_kv_head)
         state[name] = w
-    load_weights(model, state)
+    load_weights(model, fuse(state))
 
 
 def smollm2_135m():

@@ -92,9 +92,10 @@ def test_gqa_matches_naive_reference():
     x = torch.randn(2, 10, cfg.n_embd)
     cos, sin = rope_tables(cfg.gqa_head_dim, 10, cfg.rope_theta)
     D = cfg.gqa_head_dim
-    q = apply_rope(attn.wq(x).view(2, 10, cfg.n_head, D).transpose(1, 2), cos, sin)
-    k = apply_rope(attn.wk(x).view(2, 10, cfg.n_kv_head, D).transpose(1, 2), cos, sin)
-    v = attn.wv(x).view(2, 10, cfg.n_kv_head, D).transpose(1, 2)
+    w_q, w_k, w_v = attn.wqkv.weight.split([cfg.n_head * D, cfg.n_kv_head * D, cfg.n_kv_head * D])
+    q = apply_rope((x @ w_q.T).view(2, 10, cfg.n_head, D).transpose(1, 2), cos, sin)
+    k = apply_rope((x @ w_k.T).view(2, 10, cfg.n_kv_head, D).transpose(1, 2), cos, sin)
+    v = (x @ w_v.T).view(2, 10, cfg.n_kv_head, D).transpose(1, 2)
     expected = attn.wo(naive_attention(q, k, v, D ** -0.5).transpose(1, 2).reshape(2, 10, -1))
     assert torch.allclose(attn(x, cos, sin), expected, atol=1e-5)
 
@@ -210,7 +211,7 @@ def test_moe_dispatch_matches_per_token_reference(score_func, n_shared):
     moe(x).square().sum().backward()
     used = torch.bincount(moe.router(x.view(-1, cfg.n_embd))[1].flatten(), minlength=7)
     for e, expert in enumerate(moe.experts):
-        assert (expert.up_proj.weight.grad is not None and expert.up_proj.weight.grad.abs().sum() > 0) == (used[e] > 0)
+        assert (expert.gate_up_proj.weight.grad is not None and expert.gate_up_proj.weight.grad.abs().sum() > 0) == (used[e] > 0)
 
 
 def test_bias_changes_selection_not_weights():

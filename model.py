@@ -14,6 +14,7 @@ papers (MLA, MoE, loss-free balancing), Llama / SmolLM2 (GQA, RoPE, SwiGLU).
 
 import math
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn as nn
@@ -124,12 +125,14 @@ class KVCache:
 
 
 def attend(q, k, v, start_pos, scale=None, dropout_p=0.0):
-    """Causal attention of q [B, H, T, d] over k, v [B, Hkv, S, d], S = start_pos + T.
+    """Causal attention of q, k [B, H or Hkv, T or S, d] over v [B, Hkv, S, dv <= d], S = start_pos + T.
 
     Query i sits at absolute position start_pos + i and sees keys 0..start_pos + i. K/V heads are
     shared by groups of query heads (GQA) without being repeated in memory.
     """
-    T, S = q.size(2), k.size(2)
+    T, S, dv = q.size(2), k.size(2), v.size(-1)
+    if dv < q.size(-1):  # SDPA's fused kernels need one head size (else a slow fallback): zero-pad v
+        return attend(q, k, F.pad(v, (0, q.size(-1) - dv)), start_pos, scale, dropout_p)[..., :dv]
     if start_pos == 0:  # training and prefill: the usual lower-triangular mask
         mask, is_causal = None, T > 1
     elif T == 1:  # one new token sees the whole cache
@@ -223,7 +226,8 @@ class MultiHeadLatentAttention(nn.Module):
         q_lat = torch.matmul(q_nope, w_uk.to(q_nope.dtype))                  # [B, H, T, C]: W_UK folded into q
         # the latent cache acts as a single key/value head shared by all query heads (MQA over latents)
         kv = cache.update("kv", torch.cat([c_kv.unsqueeze(1), k_pe], dim=-1), start_pos)  # [B, 1, S, C + R]
-        o_lat = attend(torch.cat([q_lat, q_pe], dim=-1), kv, kv[..., :C], start_pos, self.softmax_scale)
+        # the values are the c_kv columns; attending with whole rows keeps one head size, and drops k_pe after
+        o_lat = attend(torch.cat([q_lat, q_pe], dim=-1), kv, kv, start_pos, self.softmax_scale)[..., :C]
         return torch.matmul(o_lat, w_uv.to(o_lat.dtype).transpose(1, 2))  # [B, H, T, v]: W_UV folded into output
 
 
@@ -303,11 +307,13 @@ class MoE(nn.Module):
         """Sort the N*k (token, expert) pairs by expert and run each expert once on its contiguous slice."""
         order = indices.flatten().argsort(stable=True)                     # pairs grouped by expert
         token_of = order // self.top_k                                     # [N*k] token of each pair
-        chunks = x[token_of].split(counts.tolist())                        # one slice per expert
+        xs = x[token_of]                                                   # [N*k, D], expert after expert
+        sizes = counts.tolist()
         # an expert without tokens still runs on its empty slice when training, so that every expert
         # takes part in autograd (DDP expects it); in inference (decoding: a few tokens) it is skipped
-        out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)
-                         if len(chunk) or torch.is_grad_enabled()])        # [N*k, D]
+        run_empty = torch.is_grad_enabled()
+        out = torch.cat([expert(xs[end - n:end]) for expert, n, end in zip(self.experts, sizes, accumulate(sizes))
+                         if n or run_empty])                               # [N*k, D]
         out = out * weights.flatten()[order].unsqueeze(1).to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, out)            # sum each token's experts
 

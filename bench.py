@@ -94,7 +94,8 @@ def train_step_bench(ours, hf, cfg, args, device, autocast, sync, peak):
     compiled = torch.compile(ours) if args["compile"] else ours
 
     def step(model, loss_of):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))  # as train.py and HF's Trainer
+        # fused, as train.py and transformers' Trainer use it
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
 
         def run():
             with autocast:

@@ -14,7 +14,6 @@ papers (MLA, MoE, loss-free balancing), Llama / SmolLM2 (GQA, RoPE, SwiGLU).
 
 import math
 from dataclasses import dataclass
-from itertools import accumulate
 
 import torch
 import torch.nn as nn
@@ -312,7 +311,7 @@ class MoE(nn.Module):
         # an expert without tokens still runs on its empty slice when training, so that every expert
         # takes part in autograd (DDP expects it); in inference (decoding: a few tokens) it is skipped
         run_empty = torch.is_grad_enabled()
-        out = torch.cat([expert(xs[end - n:end]) for expert, n, end in zip(self.experts, sizes, accumulate(sizes))
+        out = torch.cat([expert(chunk) for expert, chunk, n in zip(self.experts, xs.split(sizes), sizes)
                          if n or run_empty])                               # [N*k, D]
         out = out * weights.flatten().index_select(0, order).unsqueeze(1).to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, out)            # sum each token's experts

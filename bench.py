@@ -1,7 +1,7 @@
 """
 Measured speed on the current device, side by side with Hugging Face transformers on the same weights.
 
-    python bench.py --quick          # about 2-4 minutes on 2 CPU cores
+    python bench.py --quick          # under a minute on 2 CPU cores
     python bench.py                  # more repetitions, longer generations
     python bench.py --device=cuda --dtype=bfloat16 --compile=True \
         --dense_config=config/smollm2_135m.py --moe_config=config/deepseek_moe.py --batch_size=8 --block_size=1024
@@ -51,18 +51,21 @@ DEFAULTS = dict(
 )
 
 
-def timed(fn, reps, warmup=1, sync=lambda: None):
-    """Median seconds of fn() over reps runs, after warmup runs."""
+def timed(fns, reps, warmup=1, sync=lambda: None):
+    """Median seconds of each of fns over reps rounds, after warmup rounds. The functions take turns in
+    every round, so that a machine that speeds up or slows down during the run favours none of them."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, fn_times in zip(fns, times):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            fn_times.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def model_config(path, block_size):
@@ -107,11 +110,11 @@ def train_step_bench(ours, hf, cfg, args, device, autocast, sync, peak):
 
     ours_step = step(compiled, lambda m: m(x, y)[1])
     hf_step = step(hf, lambda m: m(input_ids=x, labels=x).loss)  # labels shifted inside: T-1 targets
-    reps = 3 if args["quick"] else 7
+    reps = 5 if args["quick"] else 9
     rows = {}
-    for name, run in (("ours", ours_step), ("transformers", hf_step)):
-        seconds = timed(run, reps, warmup=2, sync=sync)
-        tok_s = B * T / seconds
+    seconds = timed([ours_step, hf_step], reps, warmup=2, sync=sync)
+    for name, s in zip(("ours", "transformers"), seconds):
+        tok_s = B * T / s
         rows[name] = dict(tokens_per_s=tok_s, mfu=ours.flops_per_token(T) * tok_s / peak if peak else None)
     ours.pop_expert_counts()
     return rows
@@ -128,16 +131,17 @@ def kv_bytes_per_token(ours, hf, cfg, device):
 
 
 def generation_bench(ours, hf, cfg, args, device, autocast, sync):
-    n_new = 16 if args["quick"] else args["gen_tokens"]
-    reps = 3 if args["quick"] else 5
+    n_new = 32 if args["quick"] else args["gen_tokens"]
+    reps = 5
     rows = {}
     for B in (1, 8):
         prompt = torch.randint(1, cfg.vocab_size, (B, 16), device=device)
         with autocast, torch.no_grad():  # the same weights give the same logits (greedy tokens can tie)
             diff = (ours(prompt)[0].float() - hf(prompt).logits.float()).abs().max().item()
-            t_ours = timed(lambda: ours.generate(prompt, n_new, temperature=0), reps, sync=sync)
-            t_hf = timed(lambda: hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                                             eos_token_id=None, pad_token_id=0), reps, sync=sync)
+            t_ours, t_hf = timed([lambda: ours.generate(prompt, n_new, temperature=0),
+                                  lambda: hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new,
+                                                      do_sample=False, eos_token_id=None, pad_token_id=0)],
+                                 reps, sync=sync)
         rows[f"batch {B}"] = dict(ours=B * n_new / t_ours, transformers=B * n_new / t_hf, max_logit_diff=diff)
     return rows
 
@@ -162,8 +166,8 @@ def moe_layer_bench(cfg, args, device, sync):
         x = torch.randn(1, N, cfg.n_embd, device=device, requires_grad=True)
         ref = masked_moe(moe, x[0])
         assert torch.allclose(moe(x)[0], ref, atol=1e-4), "dispatch and masked loop disagree"
-        t_ours = timed(lambda: moe(x).square().mean().backward(), reps, sync=sync)
-        t_loop = timed(lambda: masked_moe(moe, x[0]).square().mean().backward(), reps, sync=sync)
+        t_ours, t_loop = timed([lambda: moe(x).square().mean().backward(),
+                                lambda: masked_moe(moe, x[0]).square().mean().backward()], reps, sync=sync)
         rows[f"{E} experts, top-{k}"] = dict(ours_ms=t_ours * 1e3, masked_loop_ms=t_loop * 1e3)
     return rows
 

@@ -112,9 +112,12 @@ def model_from_checkpoint(ckpt):
     """Rebuild the Transformer a checkpoint holds, on the CPU, in eval mode."""
     try:
         model = Transformer(ModelConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"checkpoint does not match this model.py: {str(e).splitlines()[0][:200]}")
+        keys = model.load_state_dict(ckpt["model"], strict=False)
+    except (TypeError, ValueError, RuntimeError) as e:  # unknown config fields, wrong tensor shapes
+        raise UserError(f"checkpoint does not match this model.py: {' '.join(str(e).split())[:300]}")
+    if keys.missing_keys or keys.unexpected_keys:  # e.g. written before W_q, W_k, W_v became one wqkv
+        raise UserError(f"checkpoint does not match this model.py: it lacks {keys.missing_keys[:3]} and has "
+                        f"{keys.unexpected_keys[:3]}; it was written by another version of model.py")
     return model.eval()
 
 

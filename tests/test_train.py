@@ -1,6 +1,7 @@
 """train.py and plot.py: learning, batches, exact resume after SIGKILL/SIGTERM, DDP equivalence, loss-free
 balancing, NaN handling, checkpoints, plots and bad input. Tiny models on a synthetic dataset."""
 
+import dataclasses
 import json
 import math
 import os
@@ -17,8 +18,10 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models
 
 import plot
+import pretrained
 import train
 from configurator import UserError
+from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -380,3 +383,17 @@ def test_load_checkpoint_refuses_pickle(tmp_path):
     torch.save({"model": {}, "model_config": {}, "config": {}, "x": argparse_namespace()}, path)
     with pytest.raises(UserError, match="pickle"):
         train.load_checkpoint(path)
+
+
+def test_checkpoint_of_another_model_layout_is_refused_by_name():
+    """A checkpoint with separate wq, wk, wv (before they became one wqkv) names what does not match."""
+    cfg = ModelConfig(vocab_size=97, block_size=16, n_layer=1, n_embd=16, n_head=2, n_kv_head=1, intermediate_size=32)
+    state = Transformer(cfg).state_dict()
+    ckpt = {"model": pretrained.unfuse(state, cfg), "model_config": dataclasses.asdict(cfg)}
+    with pytest.raises(UserError, match=r"lacks \['layers.0.attn.wqkv.weight'.*has \['layers.0.attn.wq.weight'"):
+        train.model_from_checkpoint(ckpt)
+    ckpt["model"] = {**state, "norm.weight": torch.ones(3)}
+    with pytest.raises(UserError, match="size mismatch for norm.weight"):
+        train.model_from_checkpoint(ckpt)
+    ckpt["model"] = state
+    assert torch.equal(train.model_from_checkpoint(ckpt).norm.weight, state["norm.weight"])

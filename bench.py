@@ -6,7 +6,8 @@ Measured speed on the current device, side by side with Hugging Face transformer
     python bench.py --device=cuda --dtype=bfloat16 --compile=True \
         --dense_config=config/smollm2_135m.py --moe_config=config/deepseek_moe.py --batch_size=8 --block_size=1024
 
-Every figure is the median of several timed repetitions after warm-up. Sections:
+Every figure is the median of several timed rounds after warm-up; within a round the implementations being
+compared take turns, so that drift in the machine's speed favours neither. Sections:
 1. training step (forward + backward + AdamW) tokens/s and MFU: ours vs LlamaForCausalLM (dense config) and
    DeepseekV3ForCausalLM (MLA + MoE config), built through export_hf's mapping from the same weights;
 2. greedy generation tokens/s with the KV cache at batch 1 and 8 (ours vs transformers' generate, checking

@@ -216,6 +216,21 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_exact(data, tmp_path):
     assert strip(metrics(out)) == strip(metrics(whole))
 
 
+def test_ctrl_c_checkpoints_the_step_it_stopped_at(data, tmp_path):
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, TRAIN, *TINY, f"--dataset={data}", f"--out_dir={out}",
+                             "--max_iters=100000", "--eval_interval=100000"],  # no checkpoint but Ctrl-C's
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not logged_iters(out) and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    said, err = proc.communicate()
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err
+    ckpt = train.load_checkpoint(str(out / "ckpt.pt"))
+    assert f"interrupted at iteration {ckpt['iter_num']}; continue with --init_from=resume" in said
+    assert 0 < ckpt["iter_num"] < 100000 and ckpt["iter_num"] >= max(logged_iters(out))
+
+
 # ---- DDP ----
 
 def test_torchrun_two_ranks_match_one_process_with_accumulation(data, tmp_path):

@@ -83,19 +83,22 @@ def our_name(name):
 
 
 # Ours stacks W_q, W_k, W_v (GQA) and W_gate, W_up (SwiGLU) by rows into one matrix each; transformers
-# keeps them apart. Conversions go through the separate names (wq, wk, wv; gate_proj, up_proj), which
-# the tables above map.
+# keeps them apart. Conversions go through the separate names, which the tables above map.
+FUSED = [("attn.wqkv.weight", ("attn.wq.weight", "attn.wk.weight", "attn.wv.weight")),
+         ("gate_up_proj.weight", ("gate_proj.weight", "up_proj.weight"))]
+
 
 def unfuse(state, cfg):
-    """Our state dict with wqkv split into wq, wk, wv and gate_up_proj into gate_proj, up_proj (views)."""
+    """Our state dict with each stacked matrix split into its parts (views), named as in FUSED."""
     D = cfg.gqa_head_dim
+    rows = {"attn.wqkv.weight": [cfg.n_head * D, cfg.n_kv_head * D, cfg.n_kv_head * D]}  # else equal parts
     out = {}
     for name, t in state.items():
-        if name.endswith("attn.wqkv.weight"):
-            parts = t.split([cfg.n_head * D, cfg.n_kv_head * D, cfg.n_kv_head * D])
-            out.update({name.replace("wqkv", p): w for p, w in zip(("wq", "wk", "wv"), parts)})
-        elif name.endswith("gate_up_proj.weight"):
-            out.update({name.replace("gate_up_proj", p): w for p, w in zip(("gate_proj", "up_proj"), t.chunk(2))})
+        for fused, parts in FUSED:
+            if name.endswith(fused):
+                pieces = t.split(rows[fused]) if fused in rows else t.chunk(len(parts))
+                out.update({name[:-len(fused)] + p: w for p, w in zip(parts, pieces)})
+                break
         else:
             out[name] = t
     return out
@@ -104,8 +107,7 @@ def unfuse(state, cfg):
 def fuse(state):
     """The inverse of unfuse. A set with a part missing stays apart (load_weights then names what is missing)."""
     out = dict(state)
-    for fused, parts in (("attn.wqkv.weight", ("attn.wq.weight", "attn.wk.weight", "attn.wv.weight")),
-                         ("gate_up_proj.weight", ("gate_proj.weight", "up_proj.weight"))):
+    for fused, parts in FUSED:
         for name in [n for n in out if n.endswith(parts[0])]:
             base = name[:-len(parts[0])]
             if all(base + p in out for p in parts):  # MLA's attn.wq has no wk, wv beside it

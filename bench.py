@@ -3,8 +3,8 @@ Measured speed on the current device, side by side with Hugging Face transformer
 
     python bench.py --quick          # under a minute on 2 CPU cores
     python bench.py                  # more repetitions, longer generations
-    python bench.py --device=cuda --dtype=bfloat16 --compile=True \
-        --dense_config=config/smollm2_135m.py --moe_config=config/deepseek_moe.py --batch_size=8 --block_size=1024
+    python bench.py --device=cuda --compile=True --dense_config=config/smollm2_135m.py \
+        --moe_config=config/deepseek_moe.py --batch_size=8 --block_size=1024 --moe_tokens=16384
 
 Every figure is the median of several timed rounds after warm-up; within a round the implementations being
 compared take turns, so that drift in the machine's speed favours neither. Sections:
@@ -12,7 +12,9 @@ compared take turns, so that drift in the machine's speed favours neither. Secti
    DeepseekV3ForCausalLM (MLA + MoE config), built through export_hf's mapping from the same weights;
 2. greedy generation tokens/s with the KV cache at batch 1 and 8 (ours vs transformers' generate, checking
    that both compute the same logits) and KV-cache bytes per token;
-3. the MoE layer alone: our sorted dispatch vs a per-expert masked loop over all tokens (forward + backward);
+3. the MoE layer alone (forward + backward on moe_tokens tokens): grouped GEMMs vs the sorted loop (the fallback
+   where grouped GEMMs cannot run) vs a per-expert masked loop over all tokens, and against a dense SwiGLU with
+   the same active FLOPs on the same tokens (the MoE's overhead; 1.0 would be none);
 4. prepare.py tokenization tokens/s with 1 worker and with all cores.
 Prints a markdown table and writes bench.json.
 """
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unittest.mock
 from dataclasses import replace
 
 import torch
@@ -35,7 +38,8 @@ import torch
 import train
 from configurator import UserError, configure, run_main
 from export_hf import hf_config, hf_tensors
-from model import KVCache, ModelConfig, MoE, Transformer
+import model
+from model import MLP, KVCache, ModelConfig, MoE, Transformer, swiglu
 
 DEFAULTS = dict(
     device="auto",                      # auto: cuda, then mps, then cpu
@@ -47,6 +51,7 @@ DEFAULTS = dict(
     batch_size=8,                       # training-step batch
     block_size=128,                     # training-step sequence length
     gen_tokens=64,                      # new tokens per generation
+    moe_tokens=2048,                    # tokens through the MoE layer alone
     prepare=True,                       # also time prepare.py's tokenizer on the offline corpus
     out="bench.json",
 )
@@ -137,8 +142,9 @@ def generation_bench(ours, hf, cfg, args, device, autocast, sync):
     rows = {}
     for B in (1, 8):
         prompt = torch.randint(1, cfg.vocab_size, (B, 16), device=device)
-        with autocast, torch.no_grad():  # the same weights give the same logits (greedy tokens can tie)
-            diff = (ours(prompt)[0].float() - hf(prompt).logits.float()).abs().max().item()
+        with torch.no_grad():  # the same weights give the same logits, checked in float32 (greedy tokens can tie)
+            diff = (ours(prompt)[0] - hf(prompt).logits).abs().max().item()
+        with autocast, torch.no_grad():
             t_ours, t_hf = timed([lambda: ours.generate(prompt, n_new, temperature=0),
                                   lambda: hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new,
                                                       do_sample=False, eos_token_id=None, pad_token_id=0)],
@@ -151,25 +157,43 @@ def masked_moe(moe, x):
     """The naive baseline: every routed expert runs on every token; a mask zeroes the unchosen ones."""
     weights, indices, _ = moe.router(x)
     y = moe.shared_experts(x) if moe.shared_experts is not None else torch.zeros_like(x)
-    for e, expert in enumerate(moe.experts):
+    for e, (gate_up, down) in enumerate(zip(moe.experts.gate_up_proj.unbind(0), moe.experts.down_proj.unbind(0))):
         w = (weights * (indices == e)).sum(-1, keepdim=True)               # [N, 1], 0 unless chosen
-        y = y + w.to(x.dtype) * expert(x)
+        y = y + w.to(x.dtype) * swiglu(x, gate_up, down)
     return y
 
 
-def moe_layer_bench(cfg, args, device, sync):
+def sorted_loop(moe, x):
+    """The MoE layer with its experts run one after the other on their slices: the fallback path."""
+    with unittest.mock.patch.object(model, "grouped_mm_runs", lambda device, dtype: False):
+        return moe(x)
+
+
+def moe_layer_bench(cfg, args, device, dtype, autocast, sync):
     reps = 3 if args["quick"] else 7
-    N = args["batch_size"] * cfg.block_size
+    N = args["moe_tokens"]
+    tol = 1e-4 if dtype == torch.float32 else 5e-2  # relative: float32, or half precision's 8 to 11 mantissa bits
     rows = {}
     for E, k in ((8, 2), (16, 2), (64, 6)):
         torch.manual_seed(0)
         moe = MoE(replace(cfg, n_routed_experts=E, n_activated_experts=k)).to(device)
+        dense = MLP(cfg.n_embd, (cfg.n_shared_experts + k) * cfg.moe_intermediate_size).to(device)
         x = torch.randn(1, N, cfg.n_embd, device=device, requires_grad=True)
-        ref = masked_moe(moe, x[0])
-        assert torch.allclose(moe(x)[0], ref, atol=1e-4), "dispatch and masked loop disagree"
-        t_ours, t_loop = timed([lambda: moe(x).square().mean().backward(),
-                                lambda: masked_moe(moe, x[0]).square().mean().backward()], reps, sync=sync)
-        rows[f"{E} experts, top-{k}"] = dict(ours_ms=t_ours * 1e3, masked_loop_ms=t_loop * 1e3)
+        with autocast, torch.no_grad():
+            ref = masked_moe(moe, x[0]).float()
+            for y in (moe(x)[0], sorted_loop(moe, x)[0]):
+                assert (y.float() - ref).abs().max() <= tol * ref.abs().max(), "MoE paths disagree"
+
+        def fwd_bwd(f):
+            def run():
+                with autocast:
+                    y = f()
+                y.float().square().mean().backward()
+            return run
+        times = timed([fwd_bwd(lambda: moe(x)), fwd_bwd(lambda: sorted_loop(moe, x)),
+                       fwd_bwd(lambda: masked_moe(moe, x[0])), fwd_bwd(lambda: dense(x))], reps, sync=sync)
+        rows[f"{E} experts, top-{k}"] = dict(zip(("grouped_ms", "sorted_loop_ms", "masked_loop_ms", "dense_ms"),
+                                                 (t * 1e3 for t in times)))
     return rows
 
 
@@ -203,11 +227,12 @@ def table(results):
                          f"{r['ours'] / r['transformers']:.2f}x{same} |")
     for family, (ours_b, hf_b) in results["kv_bytes_per_token"].items():
         lines.append(f"| KV cache, {family} (bytes/token, all layers) | {ours_b:,} | {hf_b:,} | |")
-    lines += ["", "| MoE layer, forward + backward | sorted dispatch (ms) | masked loop (ms) | speed-up |",
-              "| --- | --- | --- | --- |"]
+    lines += ["", f"| MoE layer, forward + backward, {results['moe_tokens']:,} tokens | grouped GEMMs (ms) | sorted loop "
+              "(ms) | masked loop (ms) | dense SwiGLU, same active FLOPs (ms) | overhead vs dense |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for name, r in results["moe_layer"].items():
-        lines.append(f"| {name} | {r['ours_ms']:.1f} | {r['masked_loop_ms']:.1f} | "
-                     f"{r['masked_loop_ms'] / r['ours_ms']:.1f}x |")
+        lines.append(f"| {name} | {r['grouped_ms']:.1f} | {r['sorted_loop_ms']:.1f} | {r['masked_loop_ms']:.1f} | "
+                     f"{r['dense_ms']:.1f} | {r['grouped_ms'] / r['dense_ms']:.2f}x |")
     if results.get("prepare"):
         lines += ["", "| prepare.py tokenization | tokens/s |", "| --- | --- |"]
         lines += [f"| {k} | {v:,.0f} |" if v else f"| {k} | failed |" for k, v in results["prepare"].items()]
@@ -227,7 +252,7 @@ def main(argv=None):
                            f"torch {torch.__version__}, {device.type}"
                            + (f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
                            + f", {str(dtype).removeprefix('torch.')}",
-                   peak=peak_note, train={}, generate={}, kv_bytes_per_token={})
+                   peak=peak_note, train={}, generate={}, kv_bytes_per_token={}, moe_tokens=args["moe_tokens"])
     for family, path in (("dense GQA", args["dense_config"]), ("MLA + MoE", args["moe_config"])):
         cfg = model_config(path, args["block_size"])
         print(f"{family}: {path}, {cfg.n_layer} layers, width {cfg.n_embd}", file=sys.stderr)
@@ -238,7 +263,7 @@ def main(argv=None):
         ours.train(), hf.train()
         results["train"][family] = train_step_bench(ours, hf, cfg, args, device, autocast, sync, peak)
         if family == "MLA + MoE":
-            results["moe_layer"] = moe_layer_bench(cfg, args, device, sync)
+            results["moe_layer"] = moe_layer_bench(cfg, args, device, dtype, autocast, sync)
     if args["prepare"]:
         results["prepare"] = prepare_bench(args["quick"])
     print(table(results))

@@ -6,7 +6,8 @@ A DeepSeek-style decoder-only Transformer in one file.
 - Attention: grouped-query attention (GQA; MHA and MQA are its two ends) or DeepSeek-V2/V3
   multi-head latent attention (MLA), which caches one compressed latent per token.
 - Feed-forward: SwiGLU, or DeepSeekMoE (shared + fine-grained routed experts) with the
-  auxiliary-loss-free balancing of DeepSeek-V3 (a per-expert bias that steers selection only).
+  auxiliary-loss-free balancing of DeepSeek-V3 (a per-expert bias that steers selection only); the
+  routed experts are stacked weights run with grouped GEMMs, without host syncs (torchtitan, nanochat).
 
 References: nanoGPT's model.py (structure), DeepSeek-V3 inference/model.py and the DeepSeek-V2/V3
 papers (MLA, MoE, loss-free balancing), Llama / SmolLM2 (GQA, RoPE, SwiGLU).
@@ -230,17 +231,20 @@ class MultiHeadLatentAttention(nn.Module):
         return torch.matmul(o_lat, w_uv.to(o_lat.dtype).transpose(1, 2))  # [B, H, T, v]: W_UV folded into output
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+def swiglu(x, gate_up, down):
+    """SwiGLU: W_down (silu(W_gate x) * W_up x), with W_gate stacked over W_up in gate_up: one matmul."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
 
+
+class MLP(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
-        self.gate_up_proj = nn.Linear(dim, 2 * hidden, bias=False)  # W_gate stacked over W_up: one matmul
+        self.gate_up_proj = nn.Linear(dim, 2 * hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return swiglu(x, self.gate_up_proj.weight, self.down_proj.weight)
 
 
 class Router(nn.Module):
@@ -273,6 +277,80 @@ class Router(nn.Module):
         self.bias += gamma * torch.sign(counts.mean() - counts)
 
 
+def grouped_mm_runs(device, dtype):
+    """Whether F.grouped_mm (torch >= 2.10) runs the routed experts: on CPUs in any dtype, and in bfloat16 on
+    CUDA GPUs of compute capability 9.x and 10.x (Hopper, Blackwell), which have the grouped kernel that reads
+    the offsets on the device. Elsewhere (older GPUs, where torch itself would copy the offsets to the host and
+    loop; MPS; float32 or float16 on a GPU; an older torch) the experts run in a loop over their slices."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and cuda_capability(device)[0] in (9, 10)
+    return device.type == "cpu"
+
+
+def experts_path(device, dtype, compiled):
+    """How the routed experts run on this device, in words (train.py says it at startup)."""
+    if not grouped_mm_runs(device, dtype):
+        return ("a loop over the experts (grouped GEMMs need torch >= 2.10 and a CPU, or bfloat16 on a "
+                "CUDA GPU of compute capability 9.x or 10.x)")
+    if compiled and dtype != torch.bfloat16:
+        return f"grouped GEMMs, run outside the compiled graph in {str(dtype)[6:]} (inductor's take bfloat16 only)"
+    return "grouped GEMMs (F.grouped_mm)"
+
+
+@torch.compiler.assume_constant_result  # a fact about the machine: no graph break, no guard
+def cuda_capability(device):
+    return torch.cuda.get_device_capability(device)
+
+
+def grouped_mm(a, b, offs):
+    """F.grouped_mm(a [M, K], b [E, K, N], offs [E]) -> [M, N]: rows offs[e-1]:offs[e] of a times b[e]."""
+    if torch.compiler.is_compiling() and a.dtype != torch.bfloat16:
+        return _grouped_mm_eager(a, b, offs)  # inductor's grouped_mm takes bfloat16 only: run it outside the graph
+    return F.grouped_mm(a, b, offs=offs)
+
+
+@torch.compiler.disable
+def _grouped_mm_eager(a, b, offs):
+    return F.grouped_mm(a, b, offs=offs)
+
+
+class Experts(nn.Module):
+    """The routed experts' SwiGLU weights, stacked: expert e computes down[e](silu(gate[e] x) * up[e] x).
+
+    Laid out as nn.Linear weights per expert ([E, out, in], as transformers 5 stores them): gate_up_proj
+    [E, 2 * I, D] (W_gate over W_up) and down_proj [E, D, I]. They run on tokens sorted by expert: one grouped
+    GEMM per projection over all the experts' slices at once, with offsets computed on the device: in a training
+    step the host never waits for the GPU, and torch.compile captures the whole model in one graph.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, D, I = cfg.n_routed_experts, cfg.n_embd, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D).normal_(0.0, cfg.init_std))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I).normal_(0.0, cfg.init_std))
+
+    def forward(self, x, counts):
+        """x [M, D]: rows sorted by expert, counts[e] of them for expert e (a device tensor) -> [M, D]."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return self.grouped(x, counts, dtype) if grouped_mm_runs(x.device, dtype) else self.looped(x, counts)
+
+    def grouped(self, x, counts, dtype):
+        """One grouped GEMM per projection, in dtype (autocast does not cover grouped_mm: cast as it would)."""
+        offs = counts.cumsum(0).to(torch.int32)                            # [E] where each expert's rows end
+        x, gate_up, down = x.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
+        gate, up = grouped_mm(x, gate_up.transpose(1, 2), offs).chunk(2, dim=-1)  # [M, I] each
+        return grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs)        # [M, D]
+
+    def looped(self, x, counts):
+        """The fallback: each expert that has rows runs on its slice. Its host sync: the slices' sizes."""
+        sizes = counts.tolist()
+        # unbind: one backward for all the experts' slices (indexing [e] would write a whole [E, ...] gradient each)
+        experts = zip(self.gate_up_proj.unbind(0), self.down_proj.unbind(0))
+        return torch.cat([swiglu(rows, *w) for w, rows, n in zip(experts, x.split(sizes), sizes) if n])
+
+
 class MoE(nn.Module):
     """DeepSeekMoE: shared experts for every token plus top-k of many fine-grained routed experts."""
 
@@ -281,7 +359,7 @@ class MoE(nn.Module):
         self.n_routed_experts, self.top_k = cfg.n_routed_experts, cfg.n_activated_experts
         self.aux_loss_alpha = cfg.aux_loss_alpha
         self.router = Router(cfg)
-        self.experts = nn.ModuleList(MLP(cfg.n_embd, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts))
+        self.experts = Experts(cfg)
         self.shared_experts = (MLP(cfg.n_embd, cfg.n_shared_experts * cfg.moe_intermediate_size)
                                if cfg.n_shared_experts else None)
         # tokens per expert summed over the training forwards since the trainer last collected them
@@ -292,29 +370,22 @@ class MoE(nn.Module):
         B, T, D = x.shape
         x = x.view(-1, D)                                                  # [N, D]
         weights, indices, scores = self.router(x)                          # [N, k] each
-        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)  # [E]
-        y = self.dispatch(x, weights, indices, counts)
+        pairs = indices.flatten()                                          # [N*k] expert of each (token, slot)
+        counts = pairs.new_zeros(self.n_routed_experts).scatter_add_(0, pairs, torch.ones_like(pairs))  # [E]
+        order = pairs.argsort(stable=True)                                 # the pairs grouped by expert
+        token = order // self.top_k                                        # [N*k] token of each sorted pair
+        ys = self.experts(x.index_select(0, token), counts)                # [N*k, D] expert after expert
+        w = weights.flatten().index_select(0, order).unsqueeze(1)          # [N*k, 1] combine weight of each pair
+        # sum_i w_i * expert_i(x) per token, added up in float32: exact enough, and GPUs add float32 atomically
+        # (a bfloat16 index_add falls back to a slow kernel); its backward is a gather, not a scatter
+        y = torch.zeros(x.shape, device=x.device).index_add_(0, token, ys.float() * w).type_as(x)  # [N, D]
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         if self.training:
-            self.expert_counts += counts.to(self.expert_counts.dtype)
+            self.expert_counts += counts
         self.aux_loss = (self.sequence_aux_loss(scores.view(B, T, -1), indices.view(B, T, -1))
                          if self.training and self.aux_loss_alpha > 0 else None)
         return y.view(B, T, D)
-
-    def dispatch(self, x, weights, indices, counts):
-        """Sort the N*k (token, expert) pairs by expert and run each expert once on its contiguous slice."""
-        order = indices.flatten().argsort(stable=True)                     # pairs grouped by expert
-        token_of = order // self.top_k                                     # [N*k] token of each pair
-        xs = x.index_select(0, token_of)  # [N*k, D] expert after expert; its backward is 5x faster than x[token_of]'s
-        sizes = counts.tolist()
-        # an expert without tokens still runs on its empty slice when training, so that every expert
-        # takes part in autograd (DDP expects it); in inference (decoding: a few tokens) it is skipped
-        run_empty = torch.is_grad_enabled()
-        out = torch.cat([expert(chunk) for expert, chunk, n in zip(self.experts, xs.split(sizes), sizes)
-                         if n or run_empty])                               # [N*k, D]
-        out = out * weights.flatten().index_select(0, order).unsqueeze(1).to(out.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of, out)            # sum each token's experts
 
     def sequence_aux_loss(self, scores, indices):
         """alpha * sum_i f_i P_i per sequence, averaged (DeepSeek-V3 eq. 17-20)."""
@@ -365,7 +436,7 @@ class Transformer(nn.Module):
         # GPT-2 scheme: N(0, init_std) everywhere; projections that write into the residual stream
         # are scaled by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth.
         for name, p in self.named_parameters():
-            if name.endswith(("wo.weight", "down_proj.weight")):
+            if name.endswith(("wo.weight", "down_proj.weight", "experts.down_proj")):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, module):
@@ -399,7 +470,7 @@ class Transformer(nn.Module):
         """Tokens routed to each expert since the last call, [n_moe_layers, E]; resets the counters."""
         moes = self.moe_layers()
         if not moes:
-            return torch.zeros(0, 0)
+            return self.rope_cos.new_zeros(0, 0)  # on the model's device
         counts = torch.stack([m.expert_counts.clone() for m in moes])
         for m in moes:
             m.expert_counts.zero_()
@@ -420,7 +491,7 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if active:
             for moe in self.moe_layers():
-                per_expert = sum(p.numel() for p in moe.experts[0].parameters())
+                per_expert = sum(p[0].numel() for p in moe.experts.parameters())
                 n -= (moe.n_routed_experts - moe.top_k) * per_expert
         return n
 

@@ -86,14 +86,22 @@ def our_name(name):
 # keeps them apart. Conversions go through the separate names, which the tables above map.
 FUSED = [("attn.wqkv.weight", ("attn.wq.weight", "attn.wk.weight", "attn.wv.weight")),
          ("gate_up_proj.weight", ("gate_proj.weight", "up_proj.weight"))]
+# The routed experts' matrices are stacked too, [E, out, in]; DeepSeek's checkpoints (and transformers 4, and
+# transformers 5 when loading them) name one matrix per expert: experts.3.down_proj.weight is down_proj[3].
+STACKED = re.compile(r"(.*\.experts)\.(gate_up_proj|down_proj)")
+PER_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_up_proj|down_proj)\.weight")
 
 
 def unfuse(state, cfg):
-    """Our state dict with each stacked matrix split into its parts (views), named as in FUSED."""
+    """Our state dict with each stacked matrix split into its parts (views), named as in FUSED and PER_EXPERT."""
     D = cfg.gqa_head_dim
     rows = {"attn.wqkv.weight": [cfg.n_head * D, cfg.n_kv_head * D, cfg.n_kv_head * D]}  # else equal parts
-    out = {}
+    per_expert = {}
     for name, t in state.items():
+        m = STACKED.fullmatch(name)
+        per_expert.update({f"{m[1]}.{j}.{m[2]}.weight": w for j, w in enumerate(t.unbind(0))} if m else {name: t})
+    out = {}
+    for name, t in per_expert.items():
         for fused, parts in FUSED:
             if name.endswith(fused):
                 pieces = t.split(rows[fused]) if fused in rows else t.chunk(len(parts))
@@ -112,6 +120,15 @@ def fuse(state):
             base = name[:-len(parts[0])]
             if all(base + p in out for p in parts):  # MLA's attn.wq has no wk, wv beside it
                 out[base + fused] = torch.cat([out.pop(base + p) for p in parts])
+    experts = {}  # (experts prefix, matrix) -> {j: matrix of expert j}
+    for name in [n for n in out if PER_EXPERT.fullmatch(n)]:
+        prefix, j, kind = PER_EXPERT.fullmatch(name).groups()
+        experts.setdefault((prefix, kind), {})[int(j)] = out.pop(name)
+    for (prefix, kind), mats in experts.items():
+        if sorted(mats) == list(range(len(mats))):
+            out[f"{prefix}.{kind}"] = torch.stack([mats[j] for j in range(len(mats))])
+        else:  # an expert is missing: left apart, like an incomplete set above
+            out.update({f"{prefix}.{j}.{kind}.weight": w for j, w in mats.items()})
     return out
 
 

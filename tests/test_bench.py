@@ -3,6 +3,8 @@ figures it reports are consistent with the models it measured."""
 
 import json
 
+import pytest
+
 import bench
 
 DENSE = """attention = "gqa"
@@ -33,12 +35,13 @@ first_k_dense = 1
 """
 
 
-def test_bench_runs_every_section_on_tiny_models(tmp_path, capsys):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_runs_every_section_on_tiny_models(tmp_path, capsys, dtype):
     (tmp_path / "dense.py").write_text(DENSE)
     (tmp_path / "moe.py").write_text(MOE)
     out = tmp_path / "bench.json"
-    bench.main(["--quick", "--prepare=False", "--batch_size=2", "--block_size=64", f"--out={out}",
-                f"--dense_config={tmp_path / 'dense.py'}", f"--moe_config={tmp_path / 'moe.py'}"])
+    bench.main(["--quick", "--prepare=False", "--batch_size=2", "--block_size=64", f"--out={out}", "--moe_tokens=256",
+                f"--dtype={dtype}", f"--dense_config={tmp_path / 'dense.py'}", f"--moe_config={tmp_path / 'moe.py'}"])
     results = json.loads(out.read_text())
     assert set(results["train"]) == set(results["generate"]) == {"dense GQA", "MLA + MoE"}
     for family in results["train"]:
@@ -51,5 +54,7 @@ def test_bench_runs_every_section_on_tiny_models(tmp_path, capsys):
     assert results["kv_bytes_per_token"]["dense GQA"] == [2 * 2 * 2 * 8 * 4] * 2
     assert results["kv_bytes_per_token"]["MLA + MoE"][0] == 2 * (16 + 4) * 4
     assert set(results["moe_layer"]) == {"8 experts, top-2", "16 experts, top-2", "64 experts, top-6"}
+    assert all(set(r) == {"grouped_ms", "sorted_loop_ms", "masked_loop_ms", "dense_ms"} for r in results["moe_layer"].values())
+    assert results["machine"].endswith(dtype)
     table = capsys.readouterr().out
     assert "| generate, MLA + MoE, batch 8 (tokens/s) |" in table and "differ" not in table

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import model
 from model import (KVCache, ModelConfig, MoE, MultiHeadLatentAttention, GroupedQueryAttention, Transformer,
                    apply_rope, max_violation, rope_tables)
 
@@ -180,40 +181,86 @@ def test_generate_greedy_matches_uncached_argmax(variant):
             assert torch.equal(model(context)[0][:, -1].argmax(-1), out[:, t])
 
 
+def swiglu(x, gate_up, down):
+    """One SwiGLU expert from its raw matrices: down (silu(W_gate x) * W_up x), W_gate over W_up in gate_up."""
+    gate, up = (gate_up @ x).chunk(2)
+    return down @ (F.silu(gate) * up)
+
+
 def per_token_moe_reference(moe, x):
     """Loop over tokens: shared experts plus the weighted sum of the chosen routed experts."""
-    router = moe.router
-    out = torch.zeros_like(x)
+    router, experts = moe.router, moe.experts
+    out = []
     for n in range(x.size(0)):
         logits = router.weight @ x[n]
         s = logits.sigmoid() if router.score_func == "sigmoid" else logits.softmax(-1)
         chosen = (s + router.bias).topk(router.top_k).indices
         w = s[chosen] / s[chosen].sum() * router.route_scale
-        for e, we in zip(chosen.tolist(), w):
-            out[n] += we * moe.experts[e](x[n])
-        if moe.shared_experts is not None:
-            out[n] += moe.shared_experts(x[n])
-    return out
+        y = sum(we * swiglu(x[n], experts.gate_up_proj[e], experts.down_proj[e]) for e, we in zip(chosen.tolist(), w))
+        out.append(y + (moe.shared_experts(x[n]) if moe.shared_experts is not None else 0))
+    return torch.stack(out)
+
+
+@pytest.fixture(params=["grouped", "looped"])
+def experts_path(request, monkeypatch):
+    """Run the MoE with grouped GEMMs (the default on CPUs and recent GPUs) or with the fallback loop."""
+    if request.param == "looped":
+        monkeypatch.setattr(model, "grouped_mm_runs", lambda device, dtype: False)
+    return request.param
 
 
 @pytest.mark.parametrize("score_func,n_shared", [("sigmoid", 1), ("softmax", 0), ("sigmoid", 2)])
-def test_moe_dispatch_matches_per_token_reference(score_func, n_shared):
+def test_moe_matches_per_token_reference(score_func, n_shared, experts_path):
     cfg = ModelConfig(**{**TINY, "n_routed_experts": 7, "n_activated_experts": 3, "n_shared_experts": n_shared,
                          "score_func": score_func, "route_scale": 1.5})
     torch.manual_seed(3)
     moe = MoE(cfg)
     moe.router.weight.data.normal_(0, 0.5)
     moe.router.bias.uniform_(-0.2, 0.2)
-    x = torch.randn(3, 11, cfg.n_embd)
+    moe.router.bias[4] = -5.0                                      # expert 4 is never chosen: an empty group
+    x = torch.randn(3, 11, cfg.n_embd, requires_grad=True)
+    g = torch.randn(3, 11, cfg.n_embd)
     expected = per_token_moe_reference(moe, x.view(-1, cfg.n_embd)).view_as(x)
-    assert torch.allclose(moe(x), expected, atol=1e-5)
-    with torch.no_grad():  # inference skips the experts without tokens
+    (expected * g).sum().backward()
+    ref_grads = [p.grad.clone() for p in (x, moe.experts.gate_up_proj, moe.experts.down_proj)]
+    for p in (x, moe.experts.gate_up_proj, moe.experts.down_proj):
+        p.grad = None
+    y = moe(x)
+    assert torch.allclose(y, expected, atol=1e-5)
+    (y * g).sum().backward()  # gradients through the sorted dispatch equal the reference's
+    for p, ref in zip((x, moe.experts.gate_up_proj, moe.experts.down_proj), ref_grads):
+        assert torch.allclose(p.grad, ref, atol=1e-5)
+    assert moe.experts.gate_up_proj.grad[4].abs().sum() == 0 < moe.experts.gate_up_proj.grad[3].abs().sum()
+    moe(x).sum().backward()  # an expanded (stride-0) upstream gradient once broke grouped_mm's backward
+    with torch.no_grad():  # inference on two tokens leaves most experts empty
         assert torch.allclose(moe(x[:1, :2]), expected[:1, :2], atol=1e-5)
-    # gradients flow to every expert that received tokens through the sorted dispatch
-    moe(x).square().sum().backward()
-    used = torch.bincount(moe.router(x.view(-1, cfg.n_embd))[1].flatten(), minlength=7)
-    for e, expert in enumerate(moe.experts):
-        assert (expert.gate_up_proj.weight.grad is not None and expert.gate_up_proj.weight.grad.abs().sum() > 0) == (used[e] > 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_moe_under_autocast_matches_float32(dtype, experts_path):
+    """Mixed precision as a GPU runs it: the experts compute in half precision, the combine in float32."""
+    cfg = ModelConfig(**{**TINY, "n_routed_experts": 8, "n_activated_experts": 2})
+    torch.manual_seed(9)
+    moe = MoE(cfg).train()
+    x = torch.randn(2, 16, cfg.n_embd)
+    expected = moe(x)
+    with torch.autocast("cpu", dtype=dtype):
+        y = moe(x)
+        y.sum().backward()
+    assert y.dtype == torch.float32  # the residual stream stays float32
+    assert ((y - expected).norm() / expected.norm()).item() < 2e-2
+    assert moe.experts.gate_up_proj.grad.dtype == torch.float32 and moe.experts.gate_up_proj.grad.abs().sum() > 0
+
+
+def test_moe_training_forward_is_one_graph_under_bf16():
+    """No host sync and no graph break: torch.compile captures the whole MLA + MoE model, the routed
+    experts' grouped GEMMs with their device-side offsets included."""
+    model = tiny(**VARIANTS["mla_qlora_moe"], aux_loss_alpha=1e-3).train()
+    idx = torch.randint(0, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(idx, idx)
+    torch._dynamo.reset()
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
 def test_bias_changes_selection_not_weights():
@@ -298,22 +345,43 @@ def test_smollm2_parameter_count():
     assert model.num_params() == 134_515_008 == model.num_params(active=True)
 
 
+def test_float32_compile_runs_only_the_grouped_gemms_outside_the_graph():
+    """float32 (and float16) under torch.compile: inductor's grouped GEMM takes bfloat16 only, so the experts'
+    GEMMs run eagerly between compiled pieces. Every graph break is one of them, and the compiled forward and
+    backward equal eager (dynamo and AOT autograd here; train.py's compiled runs add inductor)."""
+    net = tiny(**VARIANTS["mla_qlora_moe"], aux_loss_alpha=1e-3).train()
+    idx = torch.randint(0, 97, (2, 16))
+    explained = torch._dynamo.explain(net)(idx, idx)
+    torch._dynamo.reset()
+    assert explained.graph_break_count > 0
+    assert all("_grouped_mm_eager" in str(b.reason) for b in explained.break_reasons), explained.break_reasons
+    _, loss = net(idx, idx)
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    _, compiled_loss = torch.compile(net, backend="aot_eager")(idx, idx)
+    compiled_grads = torch.autograd.grad(compiled_loss, list(net.parameters()))
+    torch._dynamo.reset()
+    assert torch.allclose(compiled_loss, loss, rtol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(compiled_grads, grads))
+
+
 def test_active_parameters_count_top_k_experts():
     model = tiny(**VARIANTS["mla_qlora_moe"])
-    expert = sum(p.numel() for p in model.moe_layers()[0].experts[0].parameters())
+    expert = 3 * TINY["n_embd"] * TINY["moe_intermediate_size"]  # a SwiGLU expert: W_gate, W_up, W_down
     assert model.num_params() - model.num_params(active=True) == (6 - 2) * expert
 
 
 @pytest.mark.parametrize("variant", ["gqa", "mla_qlora_moe"])
-def test_flops_per_token_matches_flop_counter(variant):
-    model = tiny(**{**VARIANTS[variant], "tie_embeddings": False})
+def test_flops_per_token_matches_flop_counter(variant, monkeypatch):
+    # the counter has no formula for grouped_mm: count the same expert matmuls through the loop path
+    monkeypatch.setattr(model, "grouped_mm_runs", lambda device, dtype: False)
+    net = tiny(**{**VARIANTS[variant], "tie_embeddings": False})
     T = 32
     # the math backend spells attention out as matmuls, which the counter sees (fused CPU kernels it may not)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.randint(0, 97, (1, T)))
+        net(torch.randint(0, 97, (1, T)))
     # counted forward matmul FLOPs x 3 (backward = 2x forward) against the analytic estimate
     measured = 3 * counter.get_total_flops() / T
-    assert model.flops_per_token(T) == pytest.approx(measured, rel=0.02)
+    assert net.flops_per_token(T) == pytest.approx(measured, rel=0.02)
 
 
 def test_tiny_model_overfits_one_batch():

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import UserError, configure, run_main
-from model import ModelConfig, Transformer, max_violation
+from model import ModelConfig, Transformer, experts_path, max_violation
 
 DEFAULTS = {
     # I/O
@@ -261,6 +261,23 @@ def all_sum(x, ddp):
     return x
 
 
+def step_results(raw_model, loss, grad_norm, stopping, ddp):
+    """Finish an optimizer step with one all-reduce and one wait for the device (the step's only sync).
+
+    Sums over the ranks the step's mean loss (a share per rank), whether any rank was signalled to stop,
+    and the tokens each expert received (MoE); applies loss-free balancing with those whole-step counts.
+    Returns, on the host: loss, stop, grad_norm, per-layer MaxVio [layers] and counts [layers, E].
+    """
+    counts = raw_model.pop_expert_counts()                                  # [layers, E]; [0, 0] if dense
+    shared = all_sum(torch.cat([loss.view(1), loss.new_full((1,), float(stopping)), counts.flatten()]), ddp)
+    counts = shared[2:].view_as(counts)
+    raw_model.update_router_bias(counts)
+    vio = max_violation(counts) if counts.numel() else counts.new_zeros(0)
+    host = torch.cat([shared[:2], grad_norm.float().view(1), vio, counts.flatten()]).cpu()
+    n = len(vio)
+    return host[0].item(), host[1].item() > 0, host[2].item(), host[3:3 + n], host[3 + n:].view_as(counts)
+
+
 def check_writable(out_dir):
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -318,7 +335,7 @@ def main(argv=None):
 
     # ---- device and precision ----
     device = pick_device(config["device"])
-    if device.type == "cuda" and ddp and device.index is None:
+    if device.type == "cuda" and device.index is None:  # this rank's GPU: set_device needs an index
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -451,7 +468,8 @@ def train(config, device, dtype, autocast, use_compile, ddp, world, rank, micro_
             x, y = get_batch(val_split, val_windows[k], block_size, device)
             with autocast:
                 logits, _ = compiled(x)
-            total += torch.stack([F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), torch.tensor(1.0, device=device)])
+            total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            total[1] += 1
         compiled.train()
         total = all_sum(total, ddp)
         return (total[0] / total[1]).item()
@@ -466,6 +484,8 @@ def train(config, device, dtype, autocast, use_compile, ddp, world, rank, micro_
     say(f"tokens per step: {tokens_per_step:,} = {world} rank(s) x {micro_steps} micro-steps x {micro_batch} "
         f"sequences x {block_size} tokens; {config['max_iters']:,} steps = {tokens_per_step * config['max_iters']:,} tokens")
     say(f"precision: {dtype} on {device}{', torch.compile' if use_compile else ''}; MFU against {peak_note}")
+    if is_moe:
+        say(f"MoE experts: {experts_path(device, DTYPES[dtype], use_compile)}")
     say(f"data: {data_dir} ({sum(len(s) for s in train_split[0]):,} train tokens, vocab {meta['vocab_size']:,}); "
         f"{'resuming at iteration ' + str(iter_num) if start_iter else 'init from ' + config['init_from']}")
 
@@ -496,6 +516,7 @@ def train(config, device, dtype, autocast, use_compile, ddp, world, rank, micro_
                 for s in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(total=config["max_iters"], initial=iter_num, disable=not master, dynamic_ncols=True, desc="train")
     window = {"loss": 0.0, "steps": 0, "time": 0.0, "vio": 0.0, "counts": None}  # sums over a log interval
+    stop_now = False
     try:
         while True:
             lr = get_lr(iter_num, config)
@@ -516,8 +537,7 @@ def train(config, device, dtype, autocast, use_compile, ddp, world, rank, micro_
                     if iter_num > start_iter:
                         checkpoint("evaluation")
 
-            stopping = torch.tensor(float(stop["signal"]), device=device)
-            if all_sum(stopping, ddp).item():  # all ranks stop at the same step
+            if stop_now:  # a rank was signalled during the last step: all ranks stop here
                 checkpoint(f"signal {signal.Signals(int(stop['signal'] or signal.SIGTERM)).name}")
                 bar.close()
                 say(f"interrupted at iteration {iter_num}; continue with --init_from=resume")
@@ -542,21 +562,19 @@ def train(config, device, dtype, autocast, use_compile, ddp, world, rank, micro_
                     _, loss = model(x, y)
                 loss_sum += loss.detach()
                 scaler.scale(loss / micro_steps).backward()
-            loss_value = (all_sum(loss_sum, ddp) / (micro_steps * world)).item()
-            if not math.isfinite(loss_value):
-                raise UserError(f"loss is {loss_value} at iteration {iter_num}; stopped without saving, "
-                                f"{ckpt_path} is the last good checkpoint (try a lower learning_rate)")
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config["grad_clip"] or float("inf")).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config["grad_clip"] or float("inf"))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            if is_moe:  # loss-free balancing from the whole step's expert loads, over all ranks
-                counts = all_sum(raw_model.pop_expert_counts(), ddp)
-                raw_model.update_router_bias(counts)
-                vio = max_violation(counts).cpu()
+            loss_value, stop_now, grad_norm, vio, counts = step_results(
+                raw_model, loss_sum / (micro_steps * world), grad_norm, stop["signal"], ddp)
+            if not math.isfinite(loss_value):  # the weights in memory are spoiled, the checkpoint is not
+                raise UserError(f"loss is {loss_value} at iteration {iter_num}; stopped without saving, "
+                                f"{ckpt_path} is the last good checkpoint (try a lower learning_rate)")
+            if is_moe:
                 window["vio"] = window["vio"] + vio
-                window["counts"] = counts.cpu() if window["counts"] is None else window["counts"] + counts.cpu()
+                window["counts"] = counts if window["counts"] is None else window["counts"] + counts
             iter_num += 1
             tokens_seen += tokens_per_step
             dt = time.perf_counter() - t0

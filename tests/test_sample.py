@@ -96,10 +96,12 @@ def checkpoints(tmp_path_factory):
     """A tiny trained-format checkpoint, and one whose every logit is equal, so greedy picks id 0 = <|endoftext|>."""
     root = tmp_path_factory.mktemp("sample")
     tokenizer = prepare.load_tokenizer("cosmo2")
-    for name, zero_norm in [("ckpt", False), ("eot", True)]:
-        model = tiny("gqa", vocab_size=tokenizer.get_vocab_size())
-        if zero_norm:
+    for name, kind in [("ckpt", "gqa"), ("eot", "gqa"), ("moe", "mla_moe")]:
+        model = tiny(kind, vocab_size=tokenizer.get_vocab_size(), tie_embeddings=False)
+        if name == "eot":
             model.norm.weight.data.zero_()
+        if name == "moe":  # a confident head: greedy choices far from ties, so that precision cannot flip them
+            model.lm_head.weight.data *= 50
         os.makedirs(root / name)
         train.save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
                                "config": {"dataset": "none"}, "tokenizer": tokenizer.to_str()},
@@ -116,6 +118,19 @@ def test_stream_prints_what_the_batch_mode_prints(checkpoints, capsys):
     sample.main(args + ["--stream=True"])
     assert capsys.readouterr().out == batch
     assert batch.startswith("Once upon a time") and batch.count("---------------\n") == 2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_decodes_as_float32_does(checkpoints, capsys, dtype):
+    """sample.py under autocast, as on a GPU: the KV-cached MLA + MoE decode picks the float32 tokens."""
+    args = [f"--out_dir={checkpoints / 'moe'}", "--start=Once upon a time", "--temperature=0", "--max_new_tokens=12",
+            "--stop_at_eot=False"]
+    sample.main(args)
+    expected = capsys.readouterr()
+    sample.main(args + [f"--dtype={dtype}"])
+    out, err = capsys.readouterr()
+    assert out == expected.out and len(out) > len("Once upon a time") + 12
+    assert f"cpu, {dtype})" in err and "cpu, float32)" in expected.err
 
 
 def test_stops_at_end_of_text_unless_told(checkpoints, capsys):

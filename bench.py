@@ -9,7 +9,7 @@ Measured speed on the current device, side by side with Hugging Face transformer
 Every figure is the median of several timed rounds after warm-up; within a round the implementations being
 compared take turns, so that drift in the machine's speed favours neither. Sections:
 1. training step (forward + backward + AdamW) tokens/s and MFU: ours vs LlamaForCausalLM (dense config) and
-   DeepseekV3ForCausalLM (MLA + MoE config), built through export_hf's mapping from the same weights;
+   DeepseekV3ForCausalLM (MLA + MoE config), built through hf_format's mapping from the same weights;
 2. greedy generation tokens/s with the KV cache at batch 1 and 8 (ours vs transformers' generate, checking
    that both compute the same logits) and KV-cache bytes per token;
 3. the MoE layer alone (forward + backward on moe_tokens tokens): grouped GEMMs vs the sorted loop (the fallback
@@ -35,10 +35,10 @@ from dataclasses import replace
 
 import torch
 
-import train
-from configurator import UserError, configure, run_main
-from export_hf import hf_config, hf_tensors
 import model
+from configurator import UserError, configure, read_file, run_main
+from device import autocast, peak_flops, pick_device, pick_dtype
+from hf_format import hf_config, hf_tensors
 from model import MLP, KVCache, ModelConfig, MoE, Transformer, swiglu
 
 DEFAULTS = dict(
@@ -74,14 +74,8 @@ def timed(fns, reps, warmup=1, sync=lambda: None):
     return [statistics.median(t) for t in times]
 
 
-def model_config(path, block_size):
-    """The model a config file describes (via train.py's defaults, so training keys are accepted)."""
-    config = configure(train.DEFAULTS, [path, f"--block_size={block_size}"])
-    return ModelConfig(**{k: config[k] for k in train.MODEL_KEYS})
-
-
 def twins(cfg, device):
-    """Our model and the transformers model with the same weights, loaded from export_hf's files."""
+    """Our model and the transformers model with the same weights, loaded from the files export_hf.py writes."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
@@ -96,18 +90,18 @@ def twins(cfg, device):
     return ours.to(device), hf.to(device)
 
 
-def train_step_bench(ours, hf, cfg, args, device, autocast, sync, peak):
-    B, T = args["batch_size"], cfg.block_size
+def train_step_bench(ours, hf, cfg, settings, device, ctx, sync, peak):
+    B, T = settings["batch_size"], cfg.block_size
     x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     y = torch.randint(0, cfg.vocab_size, (B, T), device=device)
-    compiled = torch.compile(ours) if args["compile"] else ours
+    compiled = torch.compile(ours) if settings["compile"] else ours
 
     def step(model, loss_of):
         # fused, as train.py and transformers' Trainer use it
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
 
         def run():
-            with autocast:
+            with ctx:
                 loss = loss_of(model)
             loss.backward()
             opt.step()
@@ -116,7 +110,7 @@ def train_step_bench(ours, hf, cfg, args, device, autocast, sync, peak):
 
     ours_step = step(compiled, lambda m: m(x, y)[1])
     hf_step = step(hf, lambda m: m(input_ids=x, labels=x).loss)  # labels shifted inside: T-1 targets
-    reps = 5 if args["quick"] else 9
+    reps = 5 if settings["quick"] else 9
     rows = {}
     seconds = timed([ours_step, hf_step], reps, warmup=2, sync=sync)
     for name, s in zip(("ours", "transformers"), seconds):
@@ -136,15 +130,15 @@ def kv_bytes_per_token(ours, hf, cfg, device):
     return sum(c.bytes_per_token() for c in caches), hf_bytes
 
 
-def generation_bench(ours, hf, cfg, args, device, autocast, sync):
-    n_new = 32 if args["quick"] else args["gen_tokens"]
+def generation_bench(ours, hf, cfg, settings, device, ctx, sync):
+    n_new = 32 if settings["quick"] else settings["gen_tokens"]
     reps = 5
     rows = {}
     for B in (1, 8):
         prompt = torch.randint(1, cfg.vocab_size, (B, 16), device=device)
         with torch.no_grad():  # the same weights give the same logits, checked in float32 (greedy tokens can tie)
             diff = (ours(prompt)[0] - hf(prompt).logits).abs().max().item()
-        with autocast, torch.no_grad():
+        with ctx, torch.no_grad():
             t_ours, t_hf = timed([lambda: ours.generate(prompt, n_new, temperature=0),
                                   lambda: hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new,
                                                       do_sample=False, eos_token_id=None, pad_token_id=0)],
@@ -169,24 +163,24 @@ def sorted_loop(moe, x):
         return moe(x)
 
 
-def moe_layer_bench(cfg, args, device, dtype, autocast, sync):
-    reps = 3 if args["quick"] else 7
-    N = args["moe_tokens"]
-    tol = 1e-4 if dtype == torch.float32 else 5e-2  # relative: float32, or half precision's 8 to 11 mantissa bits
+def moe_layer_bench(cfg, settings, device, dtype, ctx, sync):
+    reps = 3 if settings["quick"] else 7
+    N = settings["moe_tokens"]
+    tol = 1e-4 if dtype == "float32" else 5e-2  # relative: float32, or half precision's 8 to 11 mantissa bits
     rows = {}
     for E, k in ((8, 2), (16, 2), (64, 6)):
         torch.manual_seed(0)
         moe = MoE(replace(cfg, n_routed_experts=E, n_activated_experts=k)).to(device)
         dense = MLP(cfg.n_embd, (cfg.n_shared_experts + k) * cfg.moe_intermediate_size).to(device)
         x = torch.randn(1, N, cfg.n_embd, device=device, requires_grad=True)
-        with autocast, torch.no_grad():
+        with ctx, torch.no_grad():
             ref = masked_moe(moe, x[0]).float()
             for y in (moe(x)[0], sorted_loop(moe, x)[0]):
                 assert (y.float() - ref).abs().max() <= tol * ref.abs().max(), "MoE paths disagree"
 
         def fwd_bwd(f):
             def run():
-                with autocast:
+                with ctx:
                     y = f()
                 y.float().square().mean().backward()
             return run
@@ -240,34 +234,34 @@ def table(results):
 
 
 def main(argv=None):
-    args = configure(DEFAULTS, argv)
+    settings = configure(DEFAULTS, argv)
     if importlib.util.find_spec("transformers") is None:
         raise UserError("bench.py compares against transformers: pip install -r requirements-dev.txt")
-    device = train.pick_device(args["device"])
-    dtype = train.DTYPES[train.pick_dtype(args["dtype"], device)]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    device = pick_device(settings["device"])
+    dtype = pick_dtype(settings["dtype"], device)
+    ctx = autocast(device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    peak, peak_note = train.peak_flops(device)
+    peak, peak_note = peak_flops(device)
     results = dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                            f"torch {torch.__version__}, {device.type}"
                            + (f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
-                           + f", {str(dtype).removeprefix('torch.')}",
-                   peak=peak_note, train={}, generate={}, kv_bytes_per_token={}, moe_tokens=args["moe_tokens"])
-    for family, path in (("dense GQA", args["dense_config"]), ("MLA + MoE", args["moe_config"])):
-        cfg = model_config(path, args["block_size"])
+                           + f", {dtype}",
+                   peak=peak_note, train={}, generate={}, kv_bytes_per_token={}, moe_tokens=settings["moe_tokens"])
+    for family, path in (("dense GQA", settings["dense_config"]), ("MLA + MoE", settings["moe_config"])):
+        cfg = ModelConfig.from_settings({**read_file(path), "block_size": settings["block_size"]}, where=path)
         print(f"{family}: {path}, {cfg.n_layer} layers, width {cfg.n_embd}", file=sys.stderr)
         ours, hf = twins(cfg, device)
         ours.eval(), hf.eval()  # generation first, while both still hold the same weights
         results["kv_bytes_per_token"][family] = kv_bytes_per_token(ours, hf, cfg, device)
-        results["generate"][family] = generation_bench(ours, hf, cfg, args, device, autocast, sync)
+        results["generate"][family] = generation_bench(ours, hf, cfg, settings, device, ctx, sync)
         ours.train(), hf.train()
-        results["train"][family] = train_step_bench(ours, hf, cfg, args, device, autocast, sync, peak)
+        results["train"][family] = train_step_bench(ours, hf, cfg, settings, device, ctx, sync, peak)
         if family == "MLA + MoE":
-            results["moe_layer"] = moe_layer_bench(cfg, args, device, dtype, autocast, sync)
-    if args["prepare"]:
-        results["prepare"] = prepare_bench(args["quick"])
+            results["moe_layer"] = moe_layer_bench(cfg, settings, device, dtype, ctx, sync)
+    if settings["prepare"]:
+        results["prepare"] = prepare_bench(settings["quick"])
     print(table(results))
-    with open(args["out"], "w") as f:
+    with open(settings["out"], "w") as f:
         json.dump(results, f, indent=2)
 
 

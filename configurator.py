@@ -13,6 +13,9 @@ rather than a silent new global.
 
 Expected mistakes raise `UserError`; scripts run their `main` under `run_main`, which prints one
 line to stderr and exits non-zero instead of a traceback.
+
+`read_file(path)` gives a config file's assignments unchecked, for readers that take only part of it:
+`model.ModelConfig.from_settings` takes the model's fields and checks them with `check_type`.
 """
 
 import ast
@@ -33,7 +36,12 @@ def run_main(main):
         sys.exit(2)
 
 
-def _check_type(key, value, default, where):
+def first_line(e):
+    """The first line of an exception's message, for a one-line error."""
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def check_type(key, value, default, where):
     """Return `value` if it fits the type of `default` (ints widen to floats), else raise."""
     if default is None or value is None:  # None means "any" / "unset"
         return value
@@ -57,7 +65,8 @@ def _parse_value(key, text, default):
         raise UserError(f"--{key}={text}: not a valid {type(default).__name__}")
 
 
-def _apply_file(config, path):
+def read_file(path):
+    """The assignments of a config file, {name: value}, leaving out names that start with _ and modules."""
     if not os.path.isfile(path):
         raise UserError(f"config file {path} does not exist (try one of config/*.py)")
     namespace = {}
@@ -66,24 +75,26 @@ def _apply_file(config, path):
             exec(compile(f.read(), path, "exec"), namespace)
     except Exception as e:  # a broken config file is the user's mistake, not ours
         raise UserError(f"config file {path} failed: {type(e).__name__}: {e}")
-    for key, value in namespace.items():
-        if key.startswith("_") or type(value).__name__ == "module":
-            continue
-        if key not in config:
-            raise UserError(f"{path}: unknown key '{key}' (known: {', '.join(sorted(config))})")
-        config[key] = _check_type(key, value, config[key], path)
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and type(v).__name__ != "module"}
+
+
+def _apply_file(settings, path):
+    for key, value in read_file(path).items():
+        if key not in settings:
+            raise UserError(f"{path}: unknown key '{key}' (known: {', '.join(sorted(settings))})")
+        settings[key] = check_type(key, value, settings[key], path)
 
 
 def configure(defaults, argv=None):
     """Return a copy of `defaults` updated by the config files and overrides in `argv`."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    config = dict(defaults)
+    settings = dict(defaults)
     i = 0
     while i < len(argv):
         arg = argv[i]
         i += 1
         if not arg.startswith("--"):
-            _apply_file(config, arg)
+            _apply_file(settings, arg)
             continue
         key, eq, text = arg[2:].partition("=")
         if not eq and isinstance(defaults.get(key), bool) and (i >= len(argv) or argv[i].startswith("--")):
@@ -95,5 +106,5 @@ def configure(defaults, argv=None):
             i += 1
         if key not in defaults:
             raise UserError(f"unknown option --{key} (known: {', '.join(sorted(defaults))})")
-        config[key] = _check_type(key, _parse_value(key, text, defaults[key]), defaults[key], f"--{key}")
-    return config
+        settings[key] = check_type(key, _parse_value(key, text, defaults[key]), defaults[key], f"--{key}")
+    return settings

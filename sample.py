@@ -13,15 +13,14 @@ notes and the generation speed go to stderr.
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
-from tokenizers import Tokenizer
 
-import prepare
 import pretrained
-import train
+from checkpoint import checkpoint_tokenizer, load_checkpoint, model_from_checkpoint
 from configurator import UserError, configure, run_main
+from device import autocast, pick_device, pick_dtype
+from tokenizer import eot_id
 
 DEFAULTS = dict(
     out_dir="out",          # the checkpoint directory for init_from="resume"
@@ -42,19 +41,19 @@ DEFAULTS = dict(
 )
 
 
-def check_options(cfg):
-    if cfg["init_from"] not in ("resume", "smollm2-135m"):
-        raise UserError(f"unknown --init_from={cfg['init_from']}: use resume (out_dir/ckpt.pt) or smollm2-135m")
-    if cfg["top_k"] is not None and cfg["top_k"] < 1:
-        raise UserError(f"--top_k={cfg['top_k']}: must be at least 1 (or None for no top-k)")
-    if not 0 < cfg["top_p"] <= 1:
-        raise UserError(f"--top_p={cfg['top_p']}: must be in (0, 1] (1 turns it off)")
-    if cfg["temperature"] < 0:
-        raise UserError(f"--temperature={cfg['temperature']}: must be >= 0 (0 is greedy)")
-    if cfg["max_new_tokens"] < 1:
-        raise UserError(f"--max_new_tokens={cfg['max_new_tokens']}: must be at least 1")
-    if cfg["num_samples"] < 1:
-        raise UserError(f"--num_samples={cfg['num_samples']}: must be at least 1")
+def check_options(settings):
+    if settings["init_from"] not in ("resume", "smollm2-135m"):
+        raise UserError(f"unknown --init_from={settings['init_from']}: use resume (out_dir/ckpt.pt) or smollm2-135m")
+    if settings["top_k"] is not None and settings["top_k"] < 1:
+        raise UserError(f"--top_k={settings['top_k']}: must be at least 1 (or None for no top-k)")
+    if not 0 < settings["top_p"] <= 1:
+        raise UserError(f"--top_p={settings['top_p']}: must be in (0, 1] (1 turns it off)")
+    if settings["temperature"] < 0:
+        raise UserError(f"--temperature={settings['temperature']}: must be >= 0 (0 is greedy)")
+    if settings["max_new_tokens"] < 1:
+        raise UserError(f"--max_new_tokens={settings['max_new_tokens']}: must be at least 1")
+    if settings["num_samples"] < 1:
+        raise UserError(f"--num_samples={settings['num_samples']}: must be at least 1")
 
 
 def read_prompt(start):
@@ -67,37 +66,26 @@ def read_prompt(start):
         return f.read()
 
 
-def checkpoint_tokenizer(ckpt):
-    """The tokenizer the model was trained with: saved in the checkpoint, else the one beside its data."""
-    if ckpt.get("tokenizer"):
-        return Tokenizer.from_str(ckpt["tokenizer"])
-    path = os.path.join("data", str(ckpt["config"].get("dataset")), "tokenizer.json")  # where train.py read it
-    if not os.path.isfile(path):
-        raise UserError(f"the checkpoint holds no tokenizer and {path} does not exist: run prepare.py for its dataset")
-    return prepare.load_tokenizer(path)
-
-
-def load(cfg):
+def load(settings):
     """(model, tokenizer) as --init_from says."""
-    if cfg["init_from"] == "smollm2-135m":
+    if settings["init_from"] == "smollm2-135m":
         return pretrained.smollm2_135m()
-    path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    path = os.path.join(settings["out_dir"], "ckpt.pt")
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}: train one first (python train.py), pass --out_dir=DIR, "
                         "or use --init_from=smollm2-135m")
-    ckpt = train.load_checkpoint(path)
-    return train.model_from_checkpoint(ckpt), checkpoint_tokenizer(ckpt)
+    ckpt = load_checkpoint(path)
+    return model_from_checkpoint(ckpt), checkpoint_tokenizer(ckpt)
 
 
 def main(argv=None):
-    cfg = configure(DEFAULTS, argv)
-    check_options(cfg)
-    device = train.pick_device(cfg["device"])
-    dtype = train.DTYPES[train.pick_dtype(cfg["dtype"], device)]
-    prompt = read_prompt(cfg["start"])
-    model, tokenizer = load(cfg)
+    settings = configure(DEFAULTS, argv)
+    check_options(settings)
+    device = pick_device(settings["device"])
+    dtype = pick_dtype(settings["dtype"], device)
+    prompt = read_prompt(settings["start"])
+    model, tokenizer = load(settings)
     model.eval().to(device)
-    ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
     ids = tokenizer.encode(prompt).ids
     if not ids:
@@ -107,36 +95,36 @@ def main(argv=None):
         print(f"note: the prompt has {len(ids)} tokens, more than block_size {block_size}: "
               f"keeping its last {block_size}", file=sys.stderr)
         ids = ids[-block_size:]
-    eot = prepare.eot_id(tokenizer) if cfg["stop_at_eot"] else None
+    eot = eot_id(tokenizer) if settings["stop_at_eot"] else None
 
-    torch.manual_seed(cfg["seed"])
-    generator = torch.Generator(device=device).manual_seed(cfg["seed"])
+    torch.manual_seed(settings["seed"])
+    generator = torch.Generator(device=device).manual_seed(settings["seed"])
     n_tokens, t0 = 0, time.perf_counter()
-    for _ in range(cfg["num_samples"]):
+    for _ in range(settings["num_samples"]):
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         out, shown = list(ids), ""
-        if cfg["stream"]:
+        if settings["stream"]:
             shown = tokenizer.decode(out, skip_special_tokens=False)
             print(shown, end="", flush=True)
-        with ctx:
-            for token in model.stream(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"],
-                                      cfg["top_p"], generator, cfg["kv_cache"]):
+        with autocast(device, dtype):
+            for token in model.stream(idx, settings["max_new_tokens"], settings["temperature"], settings["top_k"],
+                                      settings["top_p"], generator, settings["kv_cache"]):
                 token = token.item()
                 n_tokens += 1
                 if token == eot:
                     break
                 out.append(token)
-                if cfg["stream"]:
+                if settings["stream"]:
                     text = tokenizer.decode(out, skip_special_tokens=False)
                     if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                         print(text[len(shown):], end="", flush=True)
                         shown = text
         text = tokenizer.decode(out, skip_special_tokens=False)
-        print(text[len(shown):] if cfg["stream"] else text)
+        print(text[len(shown):] if settings["stream"] else text)
         print("---------------")
     seconds = time.perf_counter() - t0
     print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s "
-          f"({'with' if cfg['kv_cache'] else 'without'} KV cache, {device}, {str(dtype)[6:]})", file=sys.stderr)
+          f"({'with' if settings['kv_cache'] else 'without'} KV cache, {device}, {dtype})", file=sys.stderr)
 
 
 if __name__ == "__main__":

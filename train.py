@@ -19,13 +19,13 @@ RNG of every rank, the validation windows), so `init_from=resume` after a crash 
 since the last checkpoint bit for bit on CPU.
 """
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import signal
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,7 +33,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import UserError, configure, run_main
+from device import DTYPES, autocast, peak_flops, pick_device, pick_dtype
 from model import ModelConfig, Transformer, experts_path, max_violation
 
 DEFAULTS = {
@@ -69,65 +71,6 @@ DEFAULTS = {
     # the model: every ModelConfig field (model.py), e.g. --n_layer=4 --n_routed_experts=8
     **dataclasses.asdict(ModelConfig()),
 }
-MODEL_KEYS = [f.name for f in dataclasses.fields(ModelConfig)]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# dense bfloat16 tensor-core peaks from the datasheets (no sparsity), for MFU; checked in this order
-GPU_PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
-                  ("L40S", 362e12), ("L4", 121e12)]
-
-# -----------------------------------------------------------------------------
-# checkpoints: one file, only tensors/numbers/strings/lists/dicts, so torch.load(weights_only=True) reads it
-
-
-def save_checkpoint(ckpt, path):
-    """Write `ckpt` to `path` atomically: a temporary file, flushed to disk, then renamed over it."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """Load a checkpoint written by train.py onto the CPU, never with pickle; bad files raise UserError."""
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one first (init_from=scratch) or check out_dir")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "Unsupported global" in str(e):  # weights_only refused a python class: pickle would run code
-            raise UserError(f"{path} holds python objects that only pickle can load; refusing to run "
-                            "its code (only checkpoints written by train.py are supported)")
-        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__})")
-    missing = [k for k in ("model", "model_config", "config") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise UserError(f"{path} is not a train.py checkpoint (no {', '.join(missing)})")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt):
-    """Rebuild the Transformer a checkpoint holds, on the CPU, in eval mode."""
-    try:
-        model = Transformer(ModelConfig(**ckpt["model_config"]))
-        keys = model.load_state_dict(ckpt["model"], strict=False)
-    except (TypeError, ValueError, RuntimeError) as e:  # unknown config fields, wrong tensor shapes
-        raise UserError(f"checkpoint does not match this model.py: {' '.join(str(e).split())[:300]}")
-    if keys.missing_keys or keys.unexpected_keys:  # e.g. written before W_q, W_k, W_v became one wqkv
-        raise UserError(f"checkpoint does not match this model.py: it lacks {keys.missing_keys[:3]} and has "
-                        f"{keys.unexpected_keys[:3]}; it was written by another version of model.py")
-    return model.eval()
-
-
-def check_same_model(config, model_config, what, ignore=()):
-    """Refuse to continue `what` (a checkpoint, pretrained weights) with different model settings."""
-    diff = [f"{k}={v!r} (config says {config.get(k)!r})" for k, v in model_config.items()
-            if k not in ignore and config.get(k) != v]
-    if diff:
-        raise UserError(f"{what} has a different model: {', '.join(diff[:4])}; "
-                        "use the config file it was trained with")
 
 # -----------------------------------------------------------------------------
 # data: random windows of block_size + 1 tokens from memory-mapped uint16 shards
@@ -190,40 +133,168 @@ def get_batch(split, windows, block_size, device):
     return x.to(device), y.to(device)
 
 # -----------------------------------------------------------------------------
-# small helpers
+# the job: ranks, device, model, optimizer, the state that exact resume restores
 
 
-def pick_device(name):
-    """torch.device for a `device` setting: "auto" is cuda, then mps, then cpu."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    if (device.type == "cuda" and not torch.cuda.is_available()) or \
-            (device.type == "mps" and not torch.backends.mps.is_available()):
-        raise UserError(f"device={name} is not available here: use --device=cpu")
-    return device
+@dataclass
+class Ranks:
+    """This process's place in the job and its share of a step's batch_size x accumulation sequences."""
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    micro_steps: int = 1                # micro-batches this rank runs per optimizer step
+    micro_batch: int = 1                # sequences per micro-batch on this rank
+
+    @property
+    def ddp(self):
+        return self.world > 1
+
+    @property
+    def master(self):
+        return self.rank == 0
 
 
-def pick_dtype(name, device):
-    """The precision name for a `dtype` setting: "auto" is bfloat16 on GPUs that have it, float16 on older
-    GPUs, float32 elsewhere (bfloat16 matmuls on CPUs without AMX are far slower than float32)."""
-    if name == "auto":
-        if device.type == "cuda":
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "float32"
-    if name not in DTYPES:
-        raise UserError(f"dtype must be auto, {', '.join(DTYPES)}, not {name!r}")
-    return name
+def job_ranks(settings):
+    """The ranks torchrun started (or one process), with the global batch split across them: each rank runs its
+    share of the micro-batches or, when those do not divide, a slice of every micro-batch."""
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    world, rank, local_rank = (int(os.environ[k]) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")) if ddp else (1, 0, 0)
+    accum, batch = settings["gradient_accumulation_steps"], settings["batch_size"]
+    if accum % world == 0:
+        return Ranks(world, rank, local_rank, accum // world, batch)
+    if batch % world == 0:
+        return Ranks(world, rank, local_rank, accum, batch // world)
+    raise UserError(f"neither gradient_accumulation_steps ({accum}) nor batch_size ({batch}) divides "
+                    f"across {world} ranks: make one of them a multiple of {world}")
 
 
-def get_lr(it, config):
+def job_device(settings, ranks):
+    """(device, dtype name, whether to compile) for this rank."""
+    device = pick_device(settings["device"])
+    if device.type == "cuda" and device.index is None:  # this rank's GPU: set_device needs an index
+        device = torch.device("cuda", ranks.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    use_compile = device.type == "cuda" if settings["compile"] is None else settings["compile"]
+    return device, pick_dtype(settings["dtype"], device), use_compile
+
+
+def check_same_model(settings, model_config, what, ignore=()):
+    """Refuse to continue `what` (a checkpoint, pretrained weights) with different model settings."""
+    diff = [f"{k}={v!r} (the settings say {settings.get(k)!r})" for k, v in model_config.items()
+            if k not in ignore and settings.get(k) != v]
+    if diff:
+        raise UserError(f"{what} has a different model: {', '.join(diff[:4])}; "
+                        "use the config file it was trained with")
+
+
+def build_model(settings, ckpt, data_dir, vocab_size):
+    """(the model, on the CPU in training mode; the pretrained tokenizer's JSON or None): from scratch, from
+    the checkpoint, or from SmolLM2-135M's weights with this run's block_size and dropout."""
+    torch.manual_seed(settings["seed"])  # the same initial weights on every rank
+    tokenizer = None
+    if settings["init_from"] == "smollm2-135m":
+        import pretrained  # loads 135M weights: only when asked
+        model, tok = pretrained.smollm2_135m()
+        # the architecture is SmolLM2's; the context length and dropout of this run may differ
+        check_same_model(settings, dataclasses.asdict(model.config), "SmolLM2-135M", ignore=("block_size", "dropout"))
+        if (model.config.block_size, model.config.dropout) != (settings["block_size"], settings["dropout"]):
+            cfg = dataclasses.replace(model.config, block_size=settings["block_size"], dropout=settings["dropout"])
+            state, model = model.state_dict(), Transformer(cfg)
+            model.load_state_dict(state)  # the RoPE tables are rebuilt, not loaded
+        tokenizer = tok.to_str()
+    elif ckpt is not None:
+        model = model_from_checkpoint(ckpt)
+    else:
+        cfg = ModelConfig.from_settings(settings)
+        if vocab_size > cfg.vocab_size:
+            raise UserError(f"{data_dir} has a vocabulary of {vocab_size} tokens but the model's vocab_size "
+                            f"is {cfg.vocab_size}: set --vocab_size={vocab_size} or more")
+        model = Transformer(cfg)
+    if vocab_size > model.config.vocab_size:
+        raise UserError(f"{data_dir} has a vocabulary of {vocab_size} tokens, more than the model's "
+                        f"{model.config.vocab_size}")
+    return model.train(), tokenizer
+
+
+def param_groups(model, weight_decay):
+    """AdamW's groups: weight decay on matrices only. Norms and embeddings are not pulled towards zero (rare
+    tokens' rows get few gradients but would shrink at every step); the MoE bias is a buffer, never seen here."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    is_matrix = lambda n, p: p.dim() >= 2 and not n.startswith("tok_embeddings")
+    return [{"params": [p for n, p in params if is_matrix(n, p)], "weight_decay": weight_decay},
+            {"params": [p for n, p in params if not is_matrix(n, p)], "weight_decay": 0.0}]
+
+
+@dataclass
+class RunState:
+    """What the following steps depend on besides the weights and the optimizer, restored exactly on resume."""
+    data_gen: torch.Generator           # the train batches' order (the same on every rank)
+    val_windows: torch.Tensor           # the fixed validation batches [eval_iters, batch_size], so evaluations compare
+    iter_num: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float = float("inf")
+    start_iter: int = 0                 # where this process began (0, or the checkpoint's iteration)
+    signal: int = 0                     # a SIGINT/SIGTERM caught on this rank, acted on at the next step's end
+
+
+def restore(settings, ckpt, optimizer, scaler, val_split, device, ranks):
+    """The run's state: fresh, or the checkpoint's, with the optimizer, grad scaler and RNGs restored."""
+    state = RunState(torch.Generator().manual_seed(settings["seed"]), None)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state.data_gen.set_state(ckpt["data_rng"])
+        state.iter_num = state.start_iter = ckpt["iter_num"]
+        state.tokens_seen, state.best_val_loss = ckpt["tokens_seen"], ckpt["best_val_loss"]
+        if tuple(ckpt["val_windows"].shape) == (settings["eval_iters"], settings["batch_size"]):
+            state.val_windows = ckpt["val_windows"]
+    if state.val_windows is None:
+        val_gen = torch.Generator().manual_seed(settings["seed"] + 1)
+        state.val_windows = torch.randint(int(val_split[1].sum()), (settings["eval_iters"], settings["batch_size"]),
+                                          generator=val_gen)
+    torch.manual_seed(settings["seed"] + ranks.rank)  # dropout differs across ranks
+    if ckpt is not None and len(ckpt["rng"]) == ranks.world:
+        torch.set_rng_state(ckpt["rng"][ranks.rank]["cpu"])
+        if device.type == "cuda" and ckpt["rng"][ranks.rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"][ranks.rank]["cuda"], device)
+    return state
+
+
+def rng_states(device, ranks):
+    """Every rank's torch RNG states (each rank must call it: under DDP it gathers them)."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if not ranks.ddp:
+        return [state]
+    states = [None] * ranks.world
+    dist.all_gather_object(states, state)
+    return [{k: v if v is None else v.cpu() for k, v in s.items()} for s in states]
+
+
+def save_run(path, reason, raw_model, optimizer, scaler, state, settings, tokenizer, device, ranks):
+    """A checkpoint of everything the following steps depend on; all ranks call it, rank 0 writes."""
+    rng = rng_states(device, ranks)
+    if not ranks.master:
+        return
+    model_config = dataclasses.asdict(raw_model.config)
+    save_checkpoint({
+        "model": raw_model.state_dict(), "model_config": model_config,
+        "settings": {k: v for k, v in settings.items() if k not in model_config},  # the model's fields once
+        "tokenizer": tokenizer, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "iter_num": state.iter_num, "tokens_seen": state.tokens_seen, "best_val_loss": state.best_val_loss,
+        "data_rng": state.data_gen.get_state(), "rng": rng, "val_windows": state.val_windows,
+    }, path)
+    tqdm.write(f"saved {path} at iteration {state.iter_num} ({reason})")
+
+# -----------------------------------------------------------------------------
+# the step, evaluation, the log
+
+
+def get_lr(it, settings):
     """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters (nanoGPT)."""
-    lr, min_lr, warmup, decay = config["learning_rate"], config["min_lr"], config["warmup_iters"], config["lr_decay_iters"]
+    lr, min_lr, warmup, decay = settings["learning_rate"], settings["min_lr"], settings["warmup_iters"], settings["lr_decay_iters"]
     if it < warmup:
         return lr * (it + 1) / (warmup + 1)
     if it >= decay:
@@ -232,33 +303,37 @@ def get_lr(it, config):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
-def peak_flops(device):
-    """FLOP/s that MFU is measured against, and where the number comes from."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS:
-            if key in name:
-                return flops, f"{name} datasheet bf16 dense peak {flops / 1e12:.0f} TFLOP/s"
-        return None, f"{name}: peak unknown, no MFU"
-    if device.type == "cpu":
-        # the best float32 matmul rate this CPU reaches right now, measured in ~0.3 s (no RNG used)
-        a = torch.ones(1024, 1024)
-        best = 0.0
-        for _ in range(3):
-            t0, n = time.perf_counter(), 0
-            while time.perf_counter() - t0 < 0.1:
-                a @ a
-                n += 1
-            best = max(best, 2 * 1024 ** 3 * n / (time.perf_counter() - t0))
-        return best, f"measured float32 matmul peak {best / 1e9:.1f} GFLOP/s"
-    return None, "no MFU on this device"
-
-
 def all_sum(x, ddp):
     """Sum a tensor over the ranks (in place) when running under DDP."""
     if ddp:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def optimizer_step(model, raw_model, optimizer, scaler, state, train_split, settings, device, dtype, ranks):
+    """One optimizer step on this rank's share of the step's global batch; (loss, stop, grad norm, MaxVio per
+    layer, expert counts) from step_results."""
+    windows = torch.randint(int(train_split[1].sum()), (settings["gradient_accumulation_steps"], settings["batch_size"]),
+                            generator=state.data_gen)
+    if ranks.micro_steps * ranks.world == settings["gradient_accumulation_steps"]:
+        mine = windows.view(ranks.world, ranks.micro_steps, -1)[ranks.rank]     # whole micro-batches
+    else:
+        mine = windows.view(ranks.micro_steps, ranks.world, -1)[:, ranks.rank]  # a slice of every micro-batch
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(ranks.micro_steps):
+        x, y = get_batch(train_split, mine[micro], settings["block_size"], device)
+        if ranks.ddp:  # gradients are all-reduced on the last micro-step only
+            model.require_backward_grad_sync = micro == ranks.micro_steps - 1
+        with autocast(device, dtype):
+            _, loss = model(x, y)
+        loss_sum += loss.detach()
+        scaler.scale(loss / ranks.micro_steps).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), settings["grad_clip"] or float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return step_results(raw_model, loss_sum / (ranks.micro_steps * ranks.world), grad_norm, state.signal, ranks.ddp)
 
 
 def step_results(raw_model, loss, grad_norm, stopping, ddp):
@@ -276,6 +351,23 @@ def step_results(raw_model, loss, grad_norm, stopping, ddp):
     host = torch.cat([shared[:2], grad_norm.float().view(1), vio, counts.flatten()]).cpu()
     n = len(vio)
     return host[0].item(), host[1].item() > 0, host[2].item(), host[3:3 + n], host[3 + n:].view_as(counts)
+
+
+@torch.no_grad()
+def evaluate(model, val_split, val_windows, block_size, device, dtype, ranks):
+    """Mean loss over the fixed validation batches, shared out across ranks (pure cross-entropy: the MoE
+    auxiliary loss is a training regulariser, not part of what the model predicts)."""
+    model.eval()
+    total = torch.zeros(2, device=device)
+    for k in range(ranks.rank, len(val_windows), ranks.world):
+        x, y = get_batch(val_split, val_windows[k], block_size, device)
+        with autocast(device, dtype):
+            logits, _ = model(x)
+        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        total[1] += 1
+    model.train()
+    total = all_sum(total, ranks.ddp)
+    return (total[0] / total[1]).item()
 
 
 def check_writable(out_dir):
@@ -304,310 +396,203 @@ def keep_metrics_until(path, iter_num):
         f.writelines(lines)
     os.replace(path + ".tmp", path)
 
+
+class MetricsLog:
+    """metrics.jsonl in out_dir (and Weights & Biases when asked), written by rank 0. A fresh run starts a new
+    log; a resumed one keeps the lines up to its checkpoint, since it redoes the steps after it."""
+
+    def __init__(self, settings, state, master):
+        self.path, self.master, self.wandb = os.path.join(settings["out_dir"], "metrics.jsonl"), master, None
+        if not master:
+            return
+        if state.start_iter:
+            keep_metrics_until(self.path, state.start_iter)
+        else:
+            open(self.path, "w").close()
+        if settings["wandb_log"]:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("wandb_log=True needs the wandb package: pip install wandb")
+            self.wandb = wandb
+            wandb.init(project=settings["wandb_project"], name=settings["wandb_run_name"], config=settings)
+
+    def write(self, record):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in record.items() if k != "expert_counts"}, step=record["iter"])
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class Progress:
+    """The progress bar, and one metrics.jsonl record per log_interval steps with the interval's means."""
+
+    def __init__(self, settings, state, log, ranks, tokens_per_step, flops_per_token, peak, is_moe):
+        self.bar = tqdm(total=settings["max_iters"], initial=state.iter_num, disable=not ranks.master,
+                        dynamic_ncols=True, desc="train")
+        self.settings, self.log, self.is_moe = settings, log, is_moe
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak * ranks.world if peak else None
+        self.window = self.empty()
+
+    @staticmethod
+    def empty():
+        return {"loss": 0.0, "steps": 0, "time": 0.0, "vio": 0.0, "counts": None}  # sums over a log interval
+
+    def mfu(self, tok_s):
+        return self.flops_per_token * tok_s / self.peak if self.peak else None
+
+    def update(self, state, lr, loss, grad_norm, vio, counts, dt):
+        w = self.window
+        w["loss"], w["steps"], w["time"] = w["loss"] + loss, w["steps"] + 1, w["time"] + dt
+        if self.is_moe:
+            w["vio"] = w["vio"] + vio
+            w["counts"] = counts if w["counts"] is None else w["counts"] + counts
+        tok_s, mfu = self.tokens_per_step / dt, self.mfu(self.tokens_per_step / dt)
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s" + (f" MFU {mfu:.1%}" if mfu else "")
+                                 + (f" MaxVio {vio.mean().item():.2f}" if self.is_moe else ""))
+        if state.iter_num % self.settings["log_interval"] and state.iter_num != self.settings["max_iters"]:
+            return
+        n = w["steps"]
+        tok_s = n * self.tokens_per_step / w["time"]
+        record = {"iter": state.iter_num, "tokens": state.tokens_seen, "loss": w["loss"] / n, "lr": lr,
+                  "grad_norm": grad_norm, "tokens_per_sec": tok_s, "mfu": self.mfu(tok_s)}
+        if self.is_moe:  # MaxVio of each step's batch, averaged over the interval; overall = mean of layers
+            per_layer = w["vio"] / n
+            record.update(max_vio=per_layer.mean().item(), max_vio_layers=per_layer.tolist(),
+                          expert_counts=w["counts"].tolist())
+        self.log.write(record)
+        self.window = self.empty()
+
+    def close(self):
+        self.bar.close()
+
 # -----------------------------------------------------------------------------
 
 
 def main(argv=None):
-    config = configure(DEFAULTS, argv)
-    if config["init_from"] not in ("scratch", "resume", "smollm2-135m"):
-        raise UserError(f"init_from must be scratch, resume or smollm2-135m, not {config['init_from']!r}")
-    if config["compile"] not in (None, True, False):
-        raise UserError(f"compile must be True, False or None, not {config['compile']!r}")
+    settings = configure(DEFAULTS, argv)
+    if settings["init_from"] not in ("scratch", "resume", "smollm2-135m"):
+        raise UserError(f"init_from must be scratch, resume or smollm2-135m, not {settings['init_from']!r}")
+    if settings["compile"] not in (None, True, False):
+        raise UserError(f"compile must be True, False or None, not {settings['compile']!r}")
     for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval", "block_size"):
-        if config[key] < 1:
-            raise UserError(f"{key} must be at least 1, got {config[key]}")
-
-    # ---- ranks: the global batch of batch_size x accumulation sequences is split across them ----
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    world, rank, local_rank = (int(os.environ[k]) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")) if ddp else (1, 0, 0)
-    accum, batch = config["gradient_accumulation_steps"], config["batch_size"]
-    if accum % world == 0:  # each rank runs its share of the micro-batches
-        micro_steps, micro_batch = accum // world, batch
-    elif batch % world == 0:  # each micro-batch is split across the ranks
-        micro_steps, micro_batch = accum, batch // world
-    else:
-        raise UserError(f"neither gradient_accumulation_steps ({accum}) nor batch_size ({batch}) divides "
-                        f"across {world} ranks: make one of them a multiple of {world}")
-    master = rank == 0
-    out_dir = config["out_dir"]
-    if master:
-        check_writable(out_dir)
-
-    # ---- device and precision ----
-    device = pick_device(config["device"])
-    if device.type == "cuda" and device.index is None:  # this rank's GPU: set_device needs an index
-        device = torch.device("cuda", local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = pick_dtype(config["dtype"], device)
-    autocast = (contextlib.nullcontext() if dtype == "float32"
-                else torch.autocast(device_type=device.type, dtype=DTYPES[dtype]))
-    use_compile = device.type == "cuda" if config["compile"] is None else config["compile"]
-    if ddp:
+        if settings[key] < 1:
+            raise UserError(f"{key} must be at least 1, got {settings[key]}")
+    ranks = job_ranks(settings)
+    if ranks.master:
+        check_writable(settings["out_dir"])
+    device, dtype, use_compile = job_device(settings, ranks)
+    if ranks.ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
-        train(config, device, dtype, autocast, use_compile, ddp, world, rank, micro_steps, micro_batch)
+        train(settings, device, dtype, use_compile, ranks)
     finally:
-        if ddp:
+        if ranks.ddp:
             dist.destroy_process_group()
 
 
-def train(config, device, dtype, autocast, use_compile, ddp, world, rank, micro_steps, micro_batch):
-    master = rank == 0
-    out_dir, block_size = config["out_dir"], config["block_size"]
+def train(settings, device, dtype, use_compile, ranks):
+    out_dir, block_size, max_iters = settings["out_dir"], settings["block_size"], settings["max_iters"]
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    say = tqdm.write if master else (lambda *a, **k: None)
+    say = tqdm.write if ranks.master else (lambda *a, **k: None)
 
-    # ---- the model's settings: from the config, the checkpoint, or the pretrained weights ----
+    # ---- data, model, optimizer, and the state of the run (a checkpoint's, when resuming) ----
     ckpt = None
-    model_config = {k: config[k] for k in MODEL_KEYS}
-    if config["init_from"] == "resume":
+    if settings["init_from"] == "resume":
         ckpt = load_checkpoint(ckpt_path)
-        check_same_model(config, ckpt["model_config"], f"checkpoint {ckpt_path}")
-    data_dir, meta, files, tokenizer = open_dataset(config["dataset"])
-    if config["init_from"] != "smollm2-135m" and meta["vocab_size"] > model_config["vocab_size"]:
-        raise UserError(f"{data_dir} has a vocabulary of {meta['vocab_size']} tokens but the model's vocab_size "
-                        f"is {model_config['vocab_size']}: set --vocab_size={meta['vocab_size']} or more")
+        check_same_model(settings, ckpt["model_config"], f"checkpoint {ckpt_path}")
+    data_dir, meta, files, tokenizer = open_dataset(settings["dataset"])
     train_split = open_split(data_dir, files["train"], block_size, "train")
     val_split = open_split(data_dir, files["val"], block_size, "val")
-
-    torch.manual_seed(config["seed"])  # the same initial weights on every rank
-    if config["init_from"] == "smollm2-135m":
-        import pretrained  # loads 135M weights: only when asked
-        pre, tok = pretrained.smollm2_135m()
-        # the architecture is SmolLM2's; the context length and dropout of this run may differ
-        check_same_model(config, dataclasses.asdict(pre.config), "SmolLM2-135M", ignore=("block_size", "dropout"))
-        raw_model = pre
-        if (pre.config.block_size, pre.config.dropout) != (block_size, config["dropout"]):
-            raw_model = Transformer(dataclasses.replace(pre.config, block_size=block_size, dropout=config["dropout"]))
-            raw_model.load_state_dict(pre.state_dict())  # the RoPE tables are rebuilt, not loaded
-            del pre
-        tokenizer = tokenizer or tok.to_str()
-    elif ckpt is not None:
-        raw_model = model_from_checkpoint(ckpt).train()
-    else:
-        try:
-            raw_model = Transformer(ModelConfig(**model_config))
-        except ValueError as e:
-            raise UserError(f"bad model settings: {e}")
-    if meta["vocab_size"] > raw_model.config.vocab_size:
-        raise UserError(f"{data_dir} has a vocabulary of {meta['vocab_size']} tokens, more than the model's "
-                        f"{raw_model.config.vocab_size}")
+    raw_model, pretrained_tokenizer = build_model(settings, ckpt, data_dir, meta["vocab_size"])
+    tokenizer = tokenizer or pretrained_tokenizer
     raw_model.to(device)
     is_moe = bool(raw_model.moe_layers())
-
-    # ---- optimizer: decay matrices only; norms and embeddings are not pulled towards zero (rare tokens'
-    # rows get few gradients but would shrink at every step); the MoE bias is a buffer, so never seen here ----
-    params = [(n, p) for n, p in raw_model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.dim() >= 2 and not n.startswith("tok_embeddings")]
-    no_decay = [p for n, p in params if not (p.dim() >= 2 and not n.startswith("tok_embeddings"))]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config["learning_rate"], betas=(config["beta1"], config["beta2"]),
-        fused=device.type in ("cuda", "cpu"))  # one kernel for all tensors: 6 ms a step instead of 23 (CPU, bench_dense)
+    optimizer = torch.optim.AdamW(param_groups(raw_model, settings["weight_decay"]), lr=settings["learning_rate"],
+                                  betas=(settings["beta1"], settings["beta2"]),
+                                  fused=device.type in ("cuda", "cpu"))  # one kernel for all tensors: 6 ms a step, not 23 (CPU)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-
-    # ---- state that the following steps depend on (restored exactly on resume) ----
-    data_gen = torch.Generator().manual_seed(config["seed"])       # train batch order (same on every rank)
-    iter_num, tokens_seen, best_val_loss = 0, 0, float("inf")
-    val_windows = None
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        data_gen.set_state(ckpt["data_rng"])
-        iter_num, tokens_seen, best_val_loss = ckpt["iter_num"], ckpt["tokens_seen"], ckpt["best_val_loss"]
-        if tuple(ckpt["val_windows"].shape) == (config["eval_iters"], config["batch_size"]):
-            val_windows = ckpt["val_windows"]
-    if val_windows is None:  # fixed validation batches, so that evaluations compare
-        val_gen = torch.Generator().manual_seed(config["seed"] + 1)
-        val_windows = torch.randint(int(val_split[1].sum()), (config["eval_iters"], config["batch_size"]), generator=val_gen)
-    torch.manual_seed(config["seed"] + rank)  # dropout differs across ranks
-    if ckpt is not None and len(ckpt["rng"]) == world:
-        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-        if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
-    start_iter = iter_num
+    state = restore(settings, ckpt, optimizer, scaler, val_split, device, ranks)
     del ckpt  # its tensors now live in the model and optimizer
-
     model = compiled = torch.compile(raw_model) if use_compile else raw_model
-    if ddp:
+    if ranks.ddp:
         # broadcast_buffers=False: the ranks' expert counters must not be overwritten by rank 0's;
         # the balancing biases stay equal anyway, since every rank applies the same all-reduced counts
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
-    def rng_states():
-        state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        if not ddp:
-            return [state]
-        states = [None] * world
-        dist.all_gather_object(states, state)
-        return [{k: v if v is None else v.cpu() for k, v in s.items()} for s in states]
-
-    def checkpoint(reason):
-        rng = rng_states()  # every rank takes part in the gather; rank 0 writes
-        if master:
-            save_checkpoint({
-                "model": raw_model.state_dict(), "model_config": dataclasses.asdict(raw_model.config),
-                "config": config, "tokenizer": tokenizer, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "iter_num": iter_num, "tokens_seen": tokens_seen,
-                "best_val_loss": best_val_loss, "data_rng": data_gen.get_state(), "rng": rng,
-                "val_windows": val_windows,
-            }, ckpt_path)
-            say(f"saved {ckpt_path} at iteration {iter_num} ({reason})")
-
-    @torch.no_grad()
-    def evaluate():
-        """Mean loss over the fixed validation batches, shared out across ranks (pure cross-entropy:
-        the MoE auxiliary loss is a training regulariser, not part of what the model predicts)."""
-        compiled.eval()
-        total = torch.zeros(2, device=device)
-        for k in range(rank, len(val_windows), world):
-            x, y = get_batch(val_split, val_windows[k], block_size, device)
-            with autocast:
-                logits, _ = compiled(x)
-            total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            total[1] += 1
-        compiled.train()
-        total = all_sum(total, ddp)
-        return (total[0] / total[1]).item()
-
-    # ---- report what is about to happen ----
-    tokens_per_step = config["batch_size"] * config["gradient_accumulation_steps"] * block_size
+    # ---- what is about to happen ----
+    tokens_per_step = settings["batch_size"] * settings["gradient_accumulation_steps"] * block_size
     flops_per_token = raw_model.flops_per_token(block_size)
-    peak, peak_note = peak_flops(device) if master else (None, "")
-    n_total, n_active = raw_model.num_params(), raw_model.num_params(active=True)
-    say(f"model: {n_total:,} parameters, {n_active:,} active per token "
+    peak, peak_note = peak_flops(device) if ranks.master else (None, "")
+    say(f"model: {raw_model.num_params():,} parameters, {raw_model.num_params(active=True):,} active per token "
         f"({raw_model.config.attention}, {'MoE' if is_moe else 'dense'}, {raw_model.config.n_layer} layers)")
-    say(f"tokens per step: {tokens_per_step:,} = {world} rank(s) x {micro_steps} micro-steps x {micro_batch} "
-        f"sequences x {block_size} tokens; {config['max_iters']:,} steps = {tokens_per_step * config['max_iters']:,} tokens")
+    say(f"tokens per step: {tokens_per_step:,} = {ranks.world} rank(s) x {ranks.micro_steps} micro-steps x "
+        f"{ranks.micro_batch} sequences x {block_size} tokens; {max_iters:,} steps = {tokens_per_step * max_iters:,} tokens")
     say(f"precision: {dtype} on {device}{', torch.compile' if use_compile else ''}; MFU against {peak_note}")
     if is_moe:
         say(f"MoE experts: {experts_path(device, DTYPES[dtype], use_compile)}")
     say(f"data: {data_dir} ({sum(len(s) for s in train_split[0]):,} train tokens, vocab {meta['vocab_size']:,}); "
-        f"{'resuming at iteration ' + str(iter_num) if start_iter else 'init from ' + config['init_from']}")
+        f"{'resuming at iteration ' + str(state.iter_num) if state.start_iter else 'init from ' + settings['init_from']}")
+    log = MetricsLog(settings, state, ranks.master)
 
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if master:  # the log matches the checkpoint: a fresh run starts a new one, a resumed one cuts the redone part
-        if start_iter:
-            keep_metrics_until(metrics_path, iter_num)
-        else:
-            open(metrics_path, "w").close()
-    wandb = None
-    if config["wandb_log"] and master:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("wandb_log=True needs the wandb package: pip install wandb")
-        wandb.init(project=config["wandb_project"], name=config["wandb_run_name"], config=config)
-
-    def log(record):
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if wandb is not None:
-                wandb.log({k: v for k, v in record.items() if k != "expert_counts"}, step=record["iter"])
-
-    # ---- Ctrl-C / SIGTERM: finish the current step, checkpoint, exit ----
-    stop = {"signal": 0}
-    handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+    # ---- the loop. Ctrl-C / SIGTERM: finish the current step, checkpoint, exit ----
+    handlers = {s: signal.signal(s, lambda signum, frame: setattr(state, "signal", signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=config["max_iters"], initial=iter_num, disable=not master, dynamic_ncols=True, desc="train")
-    window = {"loss": 0.0, "steps": 0, "time": 0.0, "vio": 0.0, "counts": None}  # sums over a log interval
-    stop_now = False
+    progress = Progress(settings, state, log, ranks, tokens_per_step, flops_per_token, peak, is_moe)
+    stop = False
     try:
         while True:
-            lr = get_lr(iter_num, config)
+            lr = get_lr(state.iter_num, settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
             # evaluate (not again at the iteration a resumed run starts from: its checkpoint did)
-            if (iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]) and \
-                    not (iter_num == start_iter and start_iter > 0):
-                val_loss = evaluate()
+            if (state.iter_num % settings["eval_interval"] == 0 or state.iter_num == max_iters) and \
+                    not (state.start_iter and state.iter_num == state.start_iter):
+                val_loss = evaluate(compiled, val_split, state.val_windows, block_size, device, dtype, ranks)
                 if not math.isfinite(val_loss):
-                    raise UserError(f"validation loss is {val_loss} at iteration {iter_num}; stopped without "
+                    raise UserError(f"validation loss is {val_loss} at iteration {state.iter_num}; stopped without "
                                     f"saving, {ckpt_path} is the last good checkpoint")
-                say(f"iter {iter_num}: val loss {val_loss:.4f}")
-                log({"iter": iter_num, "tokens": tokens_seen, "val_loss": val_loss})
-                if val_loss < best_val_loss or config["always_save_checkpoint"]:
-                    best_val_loss = min(best_val_loss, val_loss)
-                    if iter_num > start_iter:
-                        checkpoint("evaluation")
+                say(f"iter {state.iter_num}: val loss {val_loss:.4f}")
+                log.write({"iter": state.iter_num, "tokens": state.tokens_seen, "val_loss": val_loss})
+                if val_loss < state.best_val_loss or settings["always_save_checkpoint"]:
+                    state.best_val_loss = min(state.best_val_loss, val_loss)
+                    if state.iter_num > state.start_iter:
+                        save_run(ckpt_path, "evaluation", raw_model, optimizer, scaler, state, settings, tokenizer,
+                                 device, ranks)
 
-            if stop_now:  # a rank was signalled during the last step: all ranks stop here
-                checkpoint(f"signal {signal.Signals(int(stop['signal'] or signal.SIGTERM)).name}")
-                bar.close()
-                say(f"interrupted at iteration {iter_num}; continue with --init_from=resume")
-                raise SystemExit(128 + int(stop["signal"] or signal.SIGTERM))
-            if iter_num >= config["max_iters"]:
+            if stop:  # a rank was signalled during the last step: all ranks stop here
+                signum = state.signal or signal.SIGTERM
+                save_run(ckpt_path, f"signal {signal.Signals(signum).name}", raw_model, optimizer, scaler, state,
+                         settings, tokenizer, device, ranks)
+                progress.close()
+                say(f"interrupted at iteration {state.iter_num}; continue with --init_from=resume")
+                raise SystemExit(128 + signum)
+            if state.iter_num >= max_iters:
                 break
 
-            # ---- one optimizer step: this rank's share of the step's global batch ----
             t0 = time.perf_counter()
-            windows = torch.randint(int(train_split[1].sum()), (config["gradient_accumulation_steps"], config["batch_size"]),
-                                    generator=data_gen)
-            if micro_steps * world == config["gradient_accumulation_steps"]:
-                mine = windows.view(world, micro_steps, -1)[rank]            # whole micro-batches
-            else:
-                mine = windows.view(micro_steps, world, -1)[:, rank]         # a slice of every micro-batch
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(micro_steps):
-                x, y = get_batch(train_split, mine[micro], block_size, device)
-                if ddp:  # gradients are all-reduced on the last micro-step only
-                    model.require_backward_grad_sync = micro == micro_steps - 1
-                with autocast:
-                    _, loss = model(x, y)
-                loss_sum += loss.detach()
-                scaler.scale(loss / micro_steps).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config["grad_clip"] or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            loss_value, stop_now, grad_norm, vio, counts = step_results(
-                raw_model, loss_sum / (micro_steps * world), grad_norm, stop["signal"], ddp)
-            if not math.isfinite(loss_value):  # the weights in memory are spoiled, the checkpoint is not
-                raise UserError(f"loss is {loss_value} at iteration {iter_num}; stopped without saving, "
+            loss, stop, grad_norm, vio, counts = optimizer_step(model, raw_model, optimizer, scaler, state,
+                                                                train_split, settings, device, dtype, ranks)
+            if not math.isfinite(loss):  # the weights in memory are spoiled, the checkpoint is not
+                raise UserError(f"loss is {loss} at iteration {state.iter_num}; stopped without saving, "
                                 f"{ckpt_path} is the last good checkpoint (try a lower learning_rate)")
-            if is_moe:
-                window["vio"] = window["vio"] + vio
-                window["counts"] = counts if window["counts"] is None else window["counts"] + counts
-            iter_num += 1
-            tokens_seen += tokens_per_step
-            dt = time.perf_counter() - t0
-
-            # ---- progress ----
-            window["loss"] += loss_value
-            window["steps"] += 1
-            window["time"] += dt
-            tok_s = tokens_per_step / dt
-            mfu = flops_per_token * tok_s / (peak * world) if peak else None
-            bar.update(1)
-            bar.set_postfix_str(f"loss {loss_value:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s"
-                                + (f" MFU {mfu:.1%}" if mfu is not None else "")
-                                + (f" MaxVio {vio.mean().item():.2f}" if is_moe else ""))
-            if iter_num % config["log_interval"] == 0 or iter_num == config["max_iters"]:
-                n = window["steps"]
-                tok_s = n * tokens_per_step / window["time"]
-                record = {"iter": iter_num, "tokens": tokens_seen, "loss": window["loss"] / n, "lr": lr,
-                          "grad_norm": grad_norm, "tokens_per_sec": tok_s,
-                          "mfu": flops_per_token * tok_s / (peak * world) if peak else None}
-                if is_moe:  # MaxVio of each step's batch, averaged over the interval; overall = mean of layers
-                    per_layer = window["vio"] / n
-                    record.update(max_vio=per_layer.mean().item(), max_vio_layers=per_layer.tolist(),
-                                  expert_counts=window["counts"].tolist())
-                log(record)
-                window = {"loss": 0.0, "steps": 0, "time": 0.0, "vio": 0.0, "counts": None}
+            state.iter_num += 1
+            state.tokens_seen += tokens_per_step
+            progress.update(state, lr, loss, grad_norm, vio, counts, time.perf_counter() - t0)
     finally:
-        bar.close()
+        progress.close()
         for s, h in handlers.items():
             signal.signal(s, h)
-        if wandb is not None:
-            wandb.finish()
-    say(f"done: {iter_num} iterations, {tokens_seen:,} tokens, best val loss {best_val_loss:.4f}")
+        log.close()
+    say(f"done: {state.iter_num} iterations, {state.tokens_seen:,} tokens, best val loss {state.best_val_loss:.4f}")
 
 
 if __name__ == "__main__":

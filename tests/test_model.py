@@ -2,7 +2,6 @@
 structure, cached vs uncached decoding, parameter and FLOP counts."""
 
 import math
-from dataclasses import fields
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import model
+from configurator import UserError, read_file
 from model import (KVCache, ModelConfig, MoE, MultiHeadLatentAttention, GroupedQueryAttention, Transformer,
                    apply_rope, max_violation, rope_tables)
 
@@ -332,16 +332,9 @@ def test_training_forward_counts_tokens_and_bias_update_moves_bias():
     assert all("router.bias" not in n for n, _ in model.named_parameters())
 
 
-def config_file_model(path):
-    """The ModelConfig that a config file describes (its plain assignments of model fields)."""
-    namespace = {}
-    exec(open(path).read(), namespace)
-    return ModelConfig(**{f.name: namespace[f.name] for f in fields(ModelConfig) if f.name in namespace})
-
-
 def test_smollm2_parameter_count():
     with torch.device("meta"):
-        model = Transformer(config_file_model("config/smollm2_135m.py"))
+        model = Transformer(ModelConfig.from_settings(read_file("config/smollm2_135m.py")))
     assert model.num_params() == 134_515_008 == model.num_params(active=True)
 
 
@@ -362,6 +355,17 @@ def test_float32_compile_runs_only_the_grouped_gemms_outside_the_graph():
     torch._dynamo.reset()
     assert torch.allclose(compiled_loss, loss, rtol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(compiled_grads, grads))
+
+
+def test_from_settings_takes_the_model_fields_and_checks_their_types():
+    cfg = ModelConfig.from_settings({"n_layer": 3, "route_scale": 2, "batch_size": 8, "out_dir": "x"})
+    assert (cfg.n_layer, cfg.route_scale, cfg.n_embd) == (3, 2.0, ModelConfig().n_embd)  # ints widen to floats
+    with pytest.raises(UserError, match="config/x.py: n_layer must be int, got '3'"):
+        ModelConfig.from_settings({"n_layer": "3"}, where="config/x.py")
+    with pytest.raises(UserError, match="bad model settings: n_head .* multiple of n_kv_head"):
+        ModelConfig.from_settings({"n_head": 6, "n_kv_head": 4})
+    with pytest.raises(UserError, match="does not know: batch_size"):
+        ModelConfig.from_settings({"n_layer": 3, "batch_size": 8}, strict=True)
 
 
 def test_active_parameters_count_top_k_experts():

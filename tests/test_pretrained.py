@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-import prepare
 import pretrained
+from tokenizer import smollm2_gguf_path
 
 PROMPT = "Once upon a time, in a small village,"
 
@@ -22,7 +22,7 @@ def models():
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest: the offline path, from the GGUF file
     torch.manual_seed(0)
     ours, tokenizer = pretrained.smollm2_135m()
-    path = prepare.smollm2_gguf_path()
+    path = smollm2_gguf_path()
     # transformers' GGUF loader: AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) needs the accelerate
     # package only to place weights on devices; the parsing, dequantizing, renaming and un-permuting are
     # load_gguf_checkpoint's, called here directly. The config is written out by hand from SmolLM2's

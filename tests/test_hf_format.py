@@ -1,0 +1,18 @@
+"""hf_format.py: our names and transformers' names map both ways, the stacked matrices split and join back."""
+
+import torch
+
+from hf_format import fuse, hf_name, our_name, unfuse
+from model import ModelConfig, Transformer
+from test_export import CONFIGS, TINY
+
+
+def test_name_mapping_round_trips():
+    for name in CONFIGS:
+        cfg = ModelConfig(**TINY, **CONFIGS[name])
+        state = Transformer(cfg).state_dict()
+        theirs = {hf_name(k): v for k, v in unfuse(state, cfg).items()}
+        assert not any("wqkv" in k or "gate_up" in k for k in theirs)  # transformers keeps them apart
+        back = fuse({our_name(k): v for k, v in theirs.items()})
+        assert back.keys() == state.keys()
+        assert all(torch.equal(back[k], state[k]) for k in state)

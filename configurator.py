@@ -19,6 +19,7 @@ line to stderr and exits non-zero instead of a traceback.
 """
 
 import ast
+import difflib
 import os
 import sys
 
@@ -78,10 +79,21 @@ def read_file(path):
     return {k: v for k, v in namespace.items() if not k.startswith("_") and type(v).__name__ != "module"}
 
 
+def suggestion(key, known):
+    """': did you mean --X?' for the known setting closest to an unknown key, else the list of known ones.
+    Closest: the one it abbreviates, by initials (lr -> learning_rate) or word by word (grad_accum ->
+    gradient_accumulation_steps), else the nearest spelling."""
+    words = key.split("_")
+    abbreviates = lambda k: "".join(w[:1] for w in k.split("_")) == key or \
+        len(words) <= len(k.split("_")) and all(w.startswith(a) for a, w in zip(words, k.split("_")))
+    close = sorted(k for k in known if abbreviates(k)) or difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f": did you mean --{close[0]}?" if close else f" (known: {', '.join(sorted(known))})"
+
+
 def _apply_file(settings, path):
     for key, value in read_file(path).items():
         if key not in settings:
-            raise UserError(f"{path}: unknown key '{key}' (known: {', '.join(sorted(settings))})")
+            raise UserError(f"{path}: unknown key '{key}'{suggestion(key, settings)}")
         settings[key] = check_type(key, value, settings[key], path)
 
 
@@ -105,6 +117,6 @@ def configure(defaults, argv=None):
             text = argv[i]
             i += 1
         if key not in defaults:
-            raise UserError(f"unknown option --{key} (known: {', '.join(sorted(defaults))})")
+            raise UserError(f"unknown option --{key}{suggestion(key, defaults)}")
         settings[key] = check_type(key, _parse_value(key, text, defaults[key]), defaults[key], f"--{key}")
     return settings

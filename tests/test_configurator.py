@@ -30,7 +30,7 @@ def test_types():
 
 
 def test_unknown_keys_and_missing_things(tmp_path):
-    with pytest.raises(UserError, match="unknown option --batchsize"):
+    with pytest.raises(UserError, match="unknown option --batchsize: did you mean --batch_size"):
         configure(DEFAULTS, ["--batchsize=3"])
     with pytest.raises(UserError, match="unknown key 'lr'"):
         configure(DEFAULTS, [write(tmp_path, "lr = 3e-4\n")])
@@ -40,3 +40,13 @@ def test_unknown_keys_and_missing_things(tmp_path):
         configure(DEFAULTS, ["--batch_size"])
     with pytest.raises(UserError, match="failed: NameError"):
         configure(DEFAULTS, [write(tmp_path, "batch_size = undefined_name\n")])
+
+
+def test_an_unknown_option_suggests_the_closest_known_one():
+    known = {"learning_rate": 1e-3, "gradient_accumulation_steps": 1, "grad_clip": 1.0, "max_iters": 10, "n_layer": 2}
+    for typed, meant in [("lr", "learning_rate"), ("grad_accum", "gradient_accumulation_steps"), ("max_iter", "max_iters"),
+                         ("learnin_rate", "learning_rate"), ("n_layers", "n_layer")]:
+        with pytest.raises(UserError, match=f"unknown option --{typed}: did you mean --{meant}\\?$"):
+            configure(known, [f"--{typed}=1"])
+    with pytest.raises(UserError, match=r"unknown option --zzz \(known: grad_clip, gradient_accumulation_steps, "):
+        configure(known, ["--zzz=1"])

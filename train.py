@@ -19,6 +19,7 @@ RNG of every rank, the validation windows), so `init_from=resume` after a crash 
 since the last checkpoint bit for bit on CPU.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -46,6 +48,8 @@ DEFAULTS = {
     "eval_iters": 50,                 # validation batches per evaluation (always the same ones)
     "log_interval": 10,               # one metrics.jsonl line per this many steps
     "always_save_checkpoint": True,   # checkpoint at every evaluation, not only when val loss improves
+    "sample_prompts": ["Once upon a time", "The meaning of life is", "Photosynthesis is"],  # continued at every evaluation
+    "sample_tokens": 32,              # tokens sampled per prompt (out_dir/samples.jsonl); 0 = no samples
     "wandb_log": False,               # also log to Weights & Biases (imported only then)
     "wandb_project": "deepseek-nanogpt",
     "wandb_run_name": "run",
@@ -237,7 +241,34 @@ class RunState:
     tokens_seen: int = 0
     best_val_loss: float = float("inf")
     start_iter: int = 0                 # where this process began (0, or the checkpoint's iteration)
-    signal: int = 0                     # a SIGINT/SIGTERM caught on this rank, acted on at the next step's end
+    evaluated: int = -1                 # the iteration of the last finished evaluation
+    signal: int = 0                     # a SIGINT/SIGTERM caught on this rank
+    interruptible: bool = False         # True while a signal may stop the work at once (see Interrupted)
+
+
+class Interrupted(Exception):
+    """Raised by the signal handler inside interruptible work (forward and backward passes, evaluation,
+    samples), so that Ctrl-C or SIGTERM stops within seconds; the run then goes back to its last step boundary."""
+
+
+def on_signal(state):
+    def handler(signum, frame):
+        state.signal = signum
+        if state.interruptible:
+            state.interruptible = False
+            raise Interrupted(signum)
+    return handler
+
+
+@contextlib.contextmanager
+def interruptible(state, ranks):
+    """Lets a signal stop the work inside at once, on a single process (under DDP the ranks stop together at
+    the end of a step instead: one of them stopping alone would leave the others waiting in a collective)."""
+    state.interruptible = not ranks.ddp
+    try:
+        yield
+    finally:
+        state.interruptible = False
 
 
 def restore(settings, ckpt, optimizer, scaler, val_split, device, ranks):
@@ -249,6 +280,7 @@ def restore(settings, ckpt, optimizer, scaler, val_split, device, ranks):
         state.data_gen.set_state(ckpt["data_rng"])
         state.iter_num = state.start_iter = ckpt["iter_num"]
         state.tokens_seen, state.best_val_loss = ckpt["tokens_seen"], ckpt["best_val_loss"]
+        state.evaluated = ckpt.get("evaluated", ckpt["iter_num"])  # older checkpoints: taken at an evaluation
         if tuple(ckpt["val_windows"].shape) == (settings["eval_iters"], settings["batch_size"]):
             state.val_windows = ckpt["val_windows"]
     if state.val_windows is None:
@@ -285,6 +317,7 @@ def save_run(path, reason, raw_model, optimizer, scaler, state, settings, tokeni
         "tokenizer": tokenizer, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
         "iter_num": state.iter_num, "tokens_seen": state.tokens_seen, "best_val_loss": state.best_val_loss,
         "data_rng": state.data_gen.get_state(), "rng": rng, "val_windows": state.val_windows,
+        "evaluated": state.evaluated,
     }, path)
     tqdm.write(f"saved {path} at iteration {state.iter_num} ({reason})")
 
@@ -313,6 +346,8 @@ def all_sum(x, ddp):
 def optimizer_step(model, raw_model, optimizer, scaler, state, train_split, settings, device, dtype, ranks):
     """One optimizer step on this rank's share of the step's global batch; (loss, stop, grad norm, MaxVio per
     layer, expert counts) from step_results."""
+    boundary = {"data_rng": state.data_gen.get_state(), "cpu_rng": torch.get_rng_state(),  # (the CUDA RNG's state
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}  # lives on the host)
     windows = torch.randint(int(train_split[1].sum()), (settings["gradient_accumulation_steps"], settings["batch_size"]),
                             generator=state.data_gen)
     if ranks.micro_steps * ranks.world == settings["gradient_accumulation_steps"]:
@@ -320,14 +355,23 @@ def optimizer_step(model, raw_model, optimizer, scaler, state, train_split, sett
     else:
         mine = windows.view(ranks.micro_steps, ranks.world, -1)[:, ranks.rank]  # a slice of every micro-batch
     loss_sum = torch.zeros((), device=device)
-    for micro in range(ranks.micro_steps):
-        x, y = get_batch(train_split, mine[micro], settings["block_size"], device)
-        if ranks.ddp:  # gradients are all-reduced on the last micro-step only
-            model.require_backward_grad_sync = micro == ranks.micro_steps - 1
-        with autocast(device, dtype):
-            _, loss = model(x, y)
-        loss_sum += loss.detach()
-        scaler.scale(loss / ranks.micro_steps).backward()
+    try:
+        with interruptible(state, ranks):
+            for micro in range(ranks.micro_steps):
+                x, y = get_batch(train_split, mine[micro], settings["block_size"], device)
+                if ranks.ddp:  # gradients are all-reduced on the last micro-step only
+                    model.require_backward_grad_sync = micro == ranks.micro_steps - 1
+                with autocast(device, dtype):
+                    _, loss = model(x, y)
+                loss_sum += loss.detach()
+                scaler.scale(loss / ranks.micro_steps).backward()
+    except Interrupted:  # the run checkpoints the step's start: its batches and dropout draws come again on resume
+        state.data_gen.set_state(boundary["data_rng"])
+        torch.set_rng_state(boundary["cpu_rng"])
+        if boundary["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(boundary["cuda_rng"], device)
+        raise
+    # from here the step completes whatever arrives: a signal is acted on at the step's end
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), settings["grad_clip"] or float("inf"))
     scaler.step(optimizer)
@@ -354,20 +398,49 @@ def step_results(raw_model, loss, grad_norm, stopping, ddp):
 
 
 @torch.no_grad()
-def evaluate(model, val_split, val_windows, block_size, device, dtype, ranks):
-    """Mean loss over the fixed validation batches, shared out across ranks (pure cross-entropy: the MoE
-    auxiliary loss is a training regulariser, not part of what the model predicts)."""
+def evaluate(model, val_split, state, block_size, eot, device, dtype, ranks):
+    """(mean cross-entropy over the fixed validation batches, summed cross-entropy of the targets that are text,
+    not end-of-text), shared out across ranks. Pure cross-entropy: the MoE auxiliary loss is a training
+    regulariser, not part of what the model predicts. Its bar goes away when it ends."""
     model.eval()
-    total = torch.zeros(2, device=device)
-    for k in range(ranks.rank, len(val_windows), ranks.world):
-        x, y = get_batch(val_split, val_windows[k], block_size, device)
-        with autocast(device, dtype):
-            logits, _ = model(x)
-        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        total[1] += 1
+    total = torch.zeros(3, device=device)  # sum of batch means, batches, nats of the text targets
+    batches = range(ranks.rank, len(state.val_windows), ranks.world)
+    with interruptible(state, ranks):
+        for k in tqdm(batches, desc="eval", leave=False, disable=not ranks.master, dynamic_ncols=True):
+            x, y = get_batch(val_split, state.val_windows[k], block_size, device)
+            with autocast(device, dtype):
+                logits, _ = model(x)
+            losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+            total += torch.stack([losses.mean(), torch.ones_like(losses[0]), losses[y.flatten() != eot].sum()])
     model.train()
     total = all_sum(total, ranks.ddp)
-    return (total[0] / total[1]).item()
+    return (total[0] / total[1]).item(), total[2].item()
+
+
+def text_bytes(tok, val_split, val_windows, block_size, eot):
+    """UTF-8 bytes of the validation targets' text (end-of-text tokens left out): what bits per byte divides
+    by, so that models with different tokenizers compare (nanochat reports it too)."""
+    n = 0
+    for windows in val_windows:
+        _, y = get_batch(val_split, windows, block_size, torch.device("cpu"))
+        n += sum(len(tok.decode([t for t in row if t != eot]).encode("utf-8")) for row in y.tolist())
+    return n
+
+
+@torch.no_grad()
+def generate_samples(model, tok, settings, state, device, dtype, ranks):
+    """Continuations of the fixed prompts, from a generator seeded the same at every evaluation (the training
+    RNG is untouched), in eval mode; [(prompt, continuation)]."""
+    generator = torch.Generator(device=device).manual_seed(settings["seed"])
+    samples = []
+    model.eval()
+    with interruptible(state, ranks), autocast(device, dtype):
+        for prompt in settings["sample_prompts"]:
+            ids = torch.tensor([tok.encode(prompt).ids[-model.config.block_size:]], device=device)
+            new = model.generate(ids, settings["sample_tokens"], temperature=0.8, top_k=200, generator=generator)
+            samples.append((prompt, tok.decode(new[0, ids.size(1):].tolist())))
+    model.train()
+    return samples
 
 
 def check_writable(out_dir):
@@ -397,25 +470,16 @@ def keep_metrics_until(path, iter_num):
     os.replace(path + ".tmp", path)
 
 
-class MetricsLog:
-    """metrics.jsonl in out_dir (and Weights & Biases when asked), written by rank 0. A fresh run starts a new
-    log; a resumed one keeps the lines up to its checkpoint, since it redoes the steps after it."""
+class JsonLog:
+    """A JSON-lines file in out_dir, written by rank 0 (metrics.jsonl, samples.jsonl). A fresh run starts it
+    anew; a resumed one keeps the lines up to its checkpoint, since it redoes the steps after it."""
 
-    def __init__(self, settings, state, master):
-        self.path, self.master, self.wandb = os.path.join(settings["out_dir"], "metrics.jsonl"), master, None
-        if not master:
-            return
-        if state.start_iter:
-            keep_metrics_until(self.path, state.start_iter)
-        else:
-            open(self.path, "w").close()
-        if settings["wandb_log"]:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("wandb_log=True needs the wandb package: pip install wandb")
-            self.wandb = wandb
-            wandb.init(project=settings["wandb_project"], name=settings["wandb_run_name"], config=settings)
+    def __init__(self, path, state, master, wandb=None):
+        self.path, self.master, self.wandb = path, master, wandb
+        if master and state.start_iter:
+            keep_metrics_until(path, state.start_iter)
+        elif master:
+            open(path, "w").close()
 
     def write(self, record):
         if self.master:
@@ -424,9 +488,47 @@ class MetricsLog:
             if self.wandb is not None:
                 self.wandb.log({k: v for k, v in record.items() if k != "expert_counts"}, step=record["iter"])
 
-    def close(self):
-        if self.wandb is not None:
-            self.wandb.finish()
+
+def start_wandb(settings, master):
+    """The wandb module, its run started, when wandb_log asks for it (rank 0 only); else None."""
+    if not (settings["wandb_log"] and master):
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("wandb_log=True needs the wandb package: pip install wandb")
+    wandb.init(project=settings["wandb_project"], name=settings["wandb_run_name"], config=settings)
+    return wandb
+
+
+def plan(raw_model, settings, ranks, peak, train_tokens, device):
+    """Lines saying how long the plan takes here, from the model's FLOPs and the measured peak (at 50% MFU),
+    with a warning when it takes more than a day, and a note when it reads the data many times over."""
+    tokens_per_step = settings["batch_size"] * settings["gradient_accumulation_steps"] * settings["block_size"]
+    lines = []
+    if peak:
+        rate = 0.5 * peak * ranks.world
+        step = raw_model.flops_per_token(settings["block_size"]) * tokens_per_step / rate
+        evaluation = step / 3 * settings["eval_iters"] / settings["gradient_accumulation_steps"]  # forward only
+        total = settings["max_iters"] * step + (settings["max_iters"] // settings["eval_interval"] + 1) * evaluation
+        lines.append(f"estimate at 50% MFU: {duration(step)} per step, {duration(evaluation)} per evaluation, "
+                     f"{duration(total)} for {settings['max_iters']:,} steps")
+        if total > 86400:
+            lines.append(f"warning: this plan takes about {duration(total)} on {device}: for a first run here use "
+                         "config/cpu_moe.py, or fewer max_iters and eval_iters, or a GPU (stop with Ctrl-C)")
+    epochs = tokens_per_step * settings["max_iters"] / max(train_tokens, 1)
+    if epochs >= 2:
+        lines.append(f"note: {settings['max_iters']:,} steps read {tokens_per_step * settings['max_iters']:,} tokens, "
+                     f"{epochs:,.1f} times the {train_tokens:,} training tokens of {settings['dataset']}: the model "
+                     "will memorise them; prepare more data (prepare.py --max_tokens) for a real curve")
+    return lines
+
+
+def duration(seconds):
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:.1f} s"
 
 
 class Progress:
@@ -472,6 +574,18 @@ class Progress:
     def close(self):
         self.bar.close()
 
+def report_evaluation(state, val_loss, bpb, samples, log, samples_log, say, ckpt_path):
+    """Print and log an evaluation's results (all of them or none: an interrupted evaluation is redone)."""
+    if not math.isfinite(val_loss):
+        raise UserError(f"validation loss is {val_loss} at iteration {state.iter_num}; stopped without "
+                        f"saving, {ckpt_path} is the last good checkpoint")
+    say(f"iter {state.iter_num}: val loss {val_loss:.4f}" + (f", {bpb:.3f} bits per byte" if bpb else ""))
+    log.write({"iter": state.iter_num, "tokens": state.tokens_seen, "val_loss": val_loss, "val_bpb": bpb})
+    for prompt, text in samples:
+        say(f"  > {prompt}{' '.join(text.split())}")  # one line each on the terminal; the file keeps the text
+        samples_log.write({"iter": state.iter_num, "prompt": prompt, "text": text})
+    state.evaluated = state.iter_num
+
 # -----------------------------------------------------------------------------
 
 
@@ -484,6 +598,9 @@ def main(argv=None):
     for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval", "block_size"):
         if settings[key] < 1:
             raise UserError(f"{key} must be at least 1, got {settings[key]}")
+    if settings["sample_tokens"] < 0 or not all(isinstance(p, str) and p for p in settings["sample_prompts"]):
+        raise UserError("sample_prompts must be a list of non-empty strings and sample_tokens at least 0 "
+                        "(0 turns the samples off)")
     ranks = job_ranks(settings)
     if ranks.master:
         check_writable(settings["out_dir"])
@@ -526,10 +643,11 @@ def train(settings, device, dtype, use_compile, ranks):
         # the balancing biases stay equal anyway, since every rank applies the same all-reduced counts
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    tok = Tokenizer.from_str(tokenizer) if tokenizer and ranks.master else None  # samples and bits per byte
+    val_bytes = text_bytes(tok, val_split, state.val_windows, block_size, meta["eot_id"]) if tok else 0
 
     # ---- what is about to happen ----
     tokens_per_step = settings["batch_size"] * settings["gradient_accumulation_steps"] * block_size
-    flops_per_token = raw_model.flops_per_token(block_size)
     peak, peak_note = peak_flops(device) if ranks.master else (None, "")
     say(f"model: {raw_model.num_params():,} parameters, {raw_model.num_params(active=True):,} active per token "
         f"({raw_model.config.attention}, {'MoE' if is_moe else 'dense'}, {raw_model.config.n_layer} layers)")
@@ -540,44 +658,36 @@ def train(settings, device, dtype, use_compile, ranks):
         say(f"MoE experts: {experts_path(device, DTYPES[dtype], use_compile)}")
     say(f"data: {data_dir} ({sum(len(s) for s in train_split[0]):,} train tokens, vocab {meta['vocab_size']:,}); "
         f"{'resuming at iteration ' + str(state.iter_num) if state.start_iter else 'init from ' + settings['init_from']}")
-    log = MetricsLog(settings, state, ranks.master)
+    for line in plan(raw_model, settings, ranks, peak, sum(len(s) for s in train_split[0]), device):
+        say(line)
+    log = JsonLog(os.path.join(out_dir, "metrics.jsonl"), state, ranks.master, start_wandb(settings, ranks.master))
+    samples_log = JsonLog(os.path.join(out_dir, "samples.jsonl"), state, ranks.master)
 
-    # ---- the loop. Ctrl-C / SIGTERM: finish the current step, checkpoint, exit ----
-    handlers = {s: signal.signal(s, lambda signum, frame: setattr(state, "signal", signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    progress = Progress(settings, state, log, ranks, tokens_per_step, flops_per_token, peak, is_moe)
+    # ---- the loop. Ctrl-C / SIGTERM: back to the last step boundary, checkpoint, exit ----
+    handlers = {s: signal.signal(s, on_signal(state)) for s in (signal.SIGINT, signal.SIGTERM)}
+    progress = Progress(settings, state, log, ranks, tokens_per_step, raw_model.flops_per_token(block_size), peak, is_moe)
     stop = False
     try:
         while True:
             lr = get_lr(state.iter_num, settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-
-            # evaluate (not again at the iteration a resumed run starts from: its checkpoint did)
+            if stop or (state.signal and not ranks.ddp):  # all ranks stop at the same step
+                raise Interrupted(state.signal or signal.SIGTERM)
             if (state.iter_num % settings["eval_interval"] == 0 or state.iter_num == max_iters) and \
-                    not (state.start_iter and state.iter_num == state.start_iter):
-                val_loss = evaluate(compiled, val_split, state.val_windows, block_size, device, dtype, ranks)
-                if not math.isfinite(val_loss):
-                    raise UserError(f"validation loss is {val_loss} at iteration {state.iter_num}; stopped without "
-                                    f"saving, {ckpt_path} is the last good checkpoint")
-                say(f"iter {state.iter_num}: val loss {val_loss:.4f}")
-                log.write({"iter": state.iter_num, "tokens": state.tokens_seen, "val_loss": val_loss})
+                    state.evaluated != state.iter_num:  # a resumed run's checkpoint may have evaluated already
+                val_loss, text_nats = evaluate(compiled, val_split, state, block_size, meta["eot_id"], device, dtype, ranks)
+                samples = generate_samples(raw_model, tok, settings, state, device, dtype, ranks) \
+                    if tok and settings["sample_tokens"] else []
+                report_evaluation(state, val_loss, text_nats / math.log(2) / val_bytes if val_bytes else None,
+                                  samples, log, samples_log, say, ckpt_path)
                 if val_loss < state.best_val_loss or settings["always_save_checkpoint"]:
                     state.best_val_loss = min(state.best_val_loss, val_loss)
                     if state.iter_num > state.start_iter:
                         save_run(ckpt_path, "evaluation", raw_model, optimizer, scaler, state, settings, tokenizer,
                                  device, ranks)
-
-            if stop:  # a rank was signalled during the last step: all ranks stop here
-                signum = state.signal or signal.SIGTERM
-                save_run(ckpt_path, f"signal {signal.Signals(signum).name}", raw_model, optimizer, scaler, state,
-                         settings, tokenizer, device, ranks)
-                progress.close()
-                say(f"interrupted at iteration {state.iter_num}; continue with --init_from=resume")
-                raise SystemExit(128 + signum)
             if state.iter_num >= max_iters:
                 break
-
             t0 = time.perf_counter()
             loss, stop, grad_norm, vio, counts = optimizer_step(model, raw_model, optimizer, scaler, state,
                                                                 train_split, settings, device, dtype, ranks)
@@ -587,11 +697,21 @@ def train(settings, device, dtype, use_compile, ranks):
             state.iter_num += 1
             state.tokens_seen += tokens_per_step
             progress.update(state, lr, loss, grad_norm, vio, counts, time.perf_counter() - t0)
+    except Interrupted:  # at a step boundary: the last completed step is what the checkpoint holds
+        signum, progressed = state.signal or signal.SIGTERM, state.iter_num > state.start_iter
+        progress.close()
+        if progressed:  # else nothing new: an earlier run's checkpoint stays as it is
+            save_run(ckpt_path, f"signal {signal.Signals(signum).name}", raw_model, optimizer, scaler, state,
+                     settings, tokenizer, device, ranks)
+        say(f"interrupted at iteration {state.iter_num}; " +
+            ("continue with --init_from=resume" if progressed else f"nothing new to save, {ckpt_path} is unchanged"))
+        raise SystemExit(128 + signum)
     finally:
         progress.close()
         for s, h in handlers.items():
             signal.signal(s, h)
-        log.close()
+        if log.wandb is not None:
+            log.wandb.finish()
     say(f"done: {state.iter_num} iterations, {state.tokens_seen:,} tokens, best val loss {state.best_val_loss:.4f}")
 
 

@@ -129,6 +129,34 @@ def test_val_loss_falls_and_checkpoint_reproduces_it(trained, data):
     assert sum(losses) / len(losses) == pytest.approx(val[-1], abs=1e-5)
 
 
+def test_bits_per_byte_and_samples_come_from_the_checkpointed_model(trained, data):
+    """val_bpb = nats of the targets that are text / ln 2 / their UTF-8 bytes, recomputed from the checkpoint;
+    the samples are that model's continuations, drawn with the fixed seed, one line per prompt and evaluation."""
+    ckpt = load_checkpoint(os.path.join(trained, "ckpt.pt"))
+    model, tok = model_from_checkpoint(ckpt), Tokenizer.from_str(ckpt["tokenizer"])
+    shard = np.fromfile(os.path.join(data, "val_00000.bin"), dtype=np.uint16).astype(np.int64)
+    T, eot = ckpt["model_config"]["block_size"], 0
+    nats = n_bytes = 0.0
+    for windows in ckpt["val_windows"]:
+        xy = torch.tensor(np.stack([shard[w:w + T + 1] for w in windows.tolist()]))
+        with torch.no_grad():
+            losses = F.cross_entropy(model(xy[:, :-1])[0].flatten(0, 1), xy[:, 1:].flatten(), reduction="none")
+        nats += losses[xy[:, 1:].flatten() != eot].sum().item()
+        n_bytes += sum(len(tok.decode([t for t in row if t != eot]).encode()) for row in xy[:, 1:].tolist())
+    logged = [r["val_bpb"] for r in metrics(trained) if "val_loss" in r]
+    assert logged[-1] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-4) and logged[-1] < logged[0]
+
+    with open(os.path.join(trained, "samples.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
+    prompts = train.DEFAULTS["sample_prompts"]
+    assert [(s["iter"], s["prompt"]) for s in samples] == [(i, p) for i in (0, 20, 40) for p in prompts]
+    generator = torch.Generator().manual_seed(ckpt["settings"]["seed"])
+    for sample in samples[-len(prompts):]:
+        ids = torch.tensor([tok.encode(sample["prompt"]).ids])
+        new = model.generate(ids, train.DEFAULTS["sample_tokens"], temperature=0.8, top_k=200, generator=generator)
+        assert tok.decode(new[0, ids.size(1):].tolist()) == sample["text"]
+
+
 def test_checkpoint_contract(trained, data):
     path = os.path.join(trained, "ckpt.pt")
     raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -214,12 +242,87 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_exact(data, tmp_path):
     assert strip(metrics(out)) == strip(metrics(whole))
 
 
+def test_sigterm_in_a_long_evaluation_stops_within_seconds_and_resumes_exactly(data, tmp_path):
+    """An evaluation of 300 batches (a second here, hours for a big model on a CPU) is cut short by SIGTERM:
+    the run checkpoints its last completed step and exits at once; resumed, it redoes that evaluation and
+    ends exactly where an uninterrupted run ends, logs and samples included."""
+    args = [*MOE, "--max_iters=6", "--eval_interval=3", "--eval_iters=300", "--lr_decay_iters=6", "--dropout=0.1",
+            "--sample_tokens=4"]
+    whole = run_inprocess(data, tmp_path / "whole", *args)
+    out = tmp_path / "cut"
+    proc = start(data, out, *args)
+    while 3 not in logged_iters(out) and proc.poll() is None:  # step 3 is done: its evaluation starts
+        time.sleep(0.005)
+    time.sleep(0.3)
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate()
+    assert time.perf_counter() - t0 < 3 and proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    cut = load_checkpoint(str(out / "ckpt.pt"))
+    assert cut["iter_num"] == 3 and cut["evaluated"] == 0  # the evaluation at 3 did not finish
+    assert not [r for r in metrics(out) if r["iter"] == 3 and "val_loss" in r]
+    run_inprocess(data, out, *args, "--init_from=resume")
+    a, b = load_checkpoint(os.path.join(whole, "ckpt.pt")), load_checkpoint(str(out / "ckpt.pt"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    untimed = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "mfu")} for r in rs]
+    assert untimed(metrics(out)) == untimed(metrics(whole))
+    assert open(out / "samples.jsonl").read() == open(os.path.join(whole, "samples.jsonl")).read()
+
+
+def test_sigterm_inside_a_step_goes_back_to_the_step_s_start(data, tmp_path, monkeypatch):
+    """SIGTERM during step 3's second micro-batch (dropout on, so the RNG matters): the step's gradients,
+    expert counts, batch order and dropout draws are rolled back, the checkpoint holds step 2, and the
+    resumed run ends bitwise where an uninterrupted one does."""
+    args = [*MOE, "--gradient_accumulation_steps=2", "--dropout=0.1", "--max_iters=5", "--eval_interval=5",
+            "--lr_decay_iters=5", "--sample_tokens=0"]
+    whole = run_inprocess(data, tmp_path / "whole", *args)
+    calls, real_get_batch = [], train.get_batch
+
+    def get_batch(*a):
+        calls.append(1)
+        if len(calls) == 2 + 2 + 2 * 2 + 2:  # validation text counted, evaluation at 0, 2 micro-batches a step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_get_batch(*a)
+    monkeypatch.setattr(train, "get_batch", get_batch)
+    with pytest.raises(SystemExit) as stopped:
+        run_inprocess(data, tmp_path / "cut", *args)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))["iter_num"] == 2
+    monkeypatch.setattr(train, "get_batch", real_get_batch)
+    run_inprocess(data, tmp_path / "cut", *args, "--init_from=resume")
+    a, b = load_checkpoint(os.path.join(whole, "ckpt.pt")), load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))
+    assert a["iter_num"] == b["iter_num"] == 5
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_an_interrupt_before_the_first_step_leaves_an_earlier_checkpoint_alone(trained, data, tmp_path, monkeypatch,
+                                                                                capsys):
+    out = tmp_path / "reused"
+    shutil.copytree(trained, out)
+    before = (out / "ckpt.pt").read_bytes()
+    calls, real_get_batch = [], train.get_batch
+
+    def get_batch(*a):
+        calls.append(1)
+        if len(calls) == 2 + 1:  # the first batch of the first evaluation (after counting the validation text)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_get_batch(*a)
+    monkeypatch.setattr(train, "get_batch", get_batch)
+    with pytest.raises(SystemExit) as stopped:
+        run_inprocess(data, out, "--max_iters=10")  # a new run from scratch in the same out_dir
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert "interrupted at iteration 0; nothing new to save" in capsys.readouterr().out
+
+
 def test_ctrl_c_checkpoints_the_step_it_stopped_at(data, tmp_path):
     out = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, TRAIN, *TINY, f"--dataset={data}", f"--out_dir={out}",
                              "--max_iters=100000", "--eval_interval=100000"],  # no checkpoint but Ctrl-C's
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not logged_iters(out) and proc.poll() is None:
+    while not any(i >= 1 for i in logged_iters(out)) and proc.poll() is None:  # a step has completed
         time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     said, err = proc.communicate()

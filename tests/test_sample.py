@@ -11,8 +11,8 @@ import torch
 
 import sample
 import tokenizer
-from checkpoint import save_checkpoint
-from configurator import run_main
+from checkpoint import load_checkpoint, save_checkpoint
+from configurator import UserError, run_main
 from tokenizer import load_tokenizer
 from model import ModelConfig, Transformer, sample_logits
 
@@ -37,17 +37,62 @@ def run_generate(model, prompt, n, seed=None, **kw):
     return [token.item() for token in model.stream(prompt, n, generator=generator, **kw)]
 
 
+def reference_sample(logits, temperature, top_k, top_p, generator):
+    """softmax(logits / T), kept to the top k, then to the nucleus of mass top_p of what is left (renormalised,
+    as transformers' warpers do), drawn from: written out here, apart from model.sample_logits."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = (logits.float() / temperature).softmax(-1)[0]
+    order = probs.argsort(descending=True).tolist()
+    keep = order[:top_k] if top_k else order
+    if top_p is not None:
+        left = probs[keep].sum().item()
+        kept, mass = [], 0.0
+        for i in keep:
+            if mass >= top_p:
+                break
+            kept.append(i)
+            mass += probs[i].item() / left
+        keep = kept
+    masked = torch.zeros_like(probs)
+    masked[keep] = probs[keep]
+    return torch.multinomial(masked / masked.sum(), 1, generator=generator).view(1, 1)
+
+
+def full_forward_decode(model, prompt, n, generator=None, **sampling):
+    """The plainest decoding: a full forward over the last block_size tokens for every new token, no cache."""
+    idx = prompt
+    for _ in range(n):
+        with torch.no_grad():
+            logits, _ = model(idx[:, -model.config.block_size:])
+        idx = torch.cat([idx, reference_sample(logits[:, -1], generator=generator, **sampling)], dim=1)
+    return idx[0, prompt.size(1):].tolist()
+
+
 @pytest.mark.parametrize("kv_cache", [True, False], ids=["cache", "no_cache"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_stream_matches_model_generate(name, kv_cache):
+def test_decoding_matches_a_loop_of_full_forwards(name, kv_cache):
     """Greedy and seeded sampling, past block_size (32) too, where the context slides."""
     model = tiny(name)
     prompt = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(0))
-    want = model.generate(prompt, 20, temperature=0)[0, 20:].tolist()
-    assert run_generate(model, prompt, 20, temperature=0, kv_cache=kv_cache) == want
-    want = model.generate(prompt, 20, temperature=1.0, top_k=50, top_p=0.9,
-                          generator=torch.Generator().manual_seed(3))[0, 20:].tolist()
-    assert run_generate(model, prompt, 20, seed=3, temperature=1.0, top_k=50, top_p=0.9, kv_cache=kv_cache) == want
+    greedy = dict(temperature=0, top_k=None, top_p=None)
+    assert run_generate(model, prompt, 20, kv_cache=kv_cache, **greedy) == full_forward_decode(model, prompt, 20, **greedy)
+    sampled = dict(temperature=1.0, top_k=50, top_p=0.9)
+    assert run_generate(model, prompt, 20, seed=3, kv_cache=kv_cache, **sampled) == \
+        full_forward_decode(model, prompt, 20, torch.Generator().manual_seed(3), **sampled)
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.5, 3), (2.0, 3), (0.7, None)])
+def test_sampling_follows_softmax_of_logits_over_temperature_within_the_top_k(temperature, top_k):
+    logits = torch.tensor([2.0, 0.5, 1.2, -1.0, 0.9, 1.6, -0.3, 0.1])
+    expected = torch.zeros(8)
+    keep = logits.topk(top_k or 8).indices
+    expected[keep] = (logits[keep] / temperature).softmax(-1)
+    n = 40_000
+    draws = sample_logits(logits.repeat(n, 1), temperature, top_k, None, torch.Generator().manual_seed(0)).flatten()
+    observed = torch.bincount(draws, minlength=8) / n
+    # within 5 standard errors of a frequency (at most 0.0025 at this n); tokens outside the top k never drawn
+    assert torch.all((observed - expected).abs() < 5 * (expected * (1 - expected) / n).sqrt() + 1e-9), (observed, expected)
 
 
 def test_top_k_1_is_greedy_and_seeds_reproduce():
@@ -177,6 +222,48 @@ def test_bad_inputs(checkpoints):
     assert "note: the prompt has 100 tokens, more than block_size 32: keeping its last 32" in err
     last_32_words = (checkpoints / "long.txt").read_text().split()[-32:]
     assert out.startswith(" " + " ".join(last_32_words))
+
+
+def test_device_dtype_and_no_cache_from_the_command_line(checkpoints, capsys, monkeypatch):
+    """`python sample.py` parses --device, --dtype and --kv_cache=False and says what it used; recomputing the
+    whole context for every token gives the cached decoding's text."""
+    args = [f"--out_dir={checkpoints / 'moe'}", "--start=Once upon a time", "--temperature=0", "--max_new_tokens=8",
+            "--stop_at_eot=False"]
+    sample.main(args)
+    cached = capsys.readouterr().out
+    proc = run("sample.py", *args, "--device=cpu", "--dtype=float32", "--kv_cache=False")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out == cached and "8 tokens in" in err and "(without KV cache, cpu, float32)" in err
+    # the same text by design: that the cache was really left out shows in what stream() was asked for
+    asked, stream = [], Transformer.stream
+    monkeypatch.setattr(Transformer, "stream", lambda self, *a, **k: asked.append(a[-1]) or stream(self, *a, **k))
+    sample.main(args + ["--kv_cache=False"])
+    assert asked == [False] and capsys.readouterr().out == cached
+
+
+def test_an_empty_prompt_is_refused(checkpoints, capsys):
+    with pytest.raises(SystemExit) as exit:
+        run_main(lambda: sample.main([f"--out_dir={checkpoints / 'ckpt'}", "--start="]))
+    assert exit.value.code == 2 and capsys.readouterr().err == "error: the prompt is empty: give --start some text\n"
+
+
+def test_a_checkpoint_without_a_tokenizer_uses_its_dataset_s(checkpoints, tmp_path, monkeypatch, capsys):
+    """Checkpoints of runs whose data had no tokenizer.json hold none: sample.py reads data/<dataset>/'s."""
+    args = ["--start=Once upon a time", "--temperature=0", "--max_new_tokens=6", "--stop_at_eot=False"]
+    sample.main([f"--out_dir={checkpoints / 'ckpt'}", *args])
+    expected = capsys.readouterr().out
+    ckpt = load_checkpoint(str(checkpoints / "ckpt" / "ckpt.pt"))
+    os.makedirs(tmp_path / "data" / "mine")
+    (tmp_path / "data" / "mine" / "tokenizer.json").write_text(ckpt.pop("tokenizer"))
+    ckpt["settings"] = {"dataset": "mine"}
+    save_checkpoint(ckpt, str(tmp_path / "ckpt.pt"))
+    monkeypatch.chdir(tmp_path)
+    sample.main([f"--out_dir={tmp_path}", *args])
+    assert capsys.readouterr().out == expected
+    os.remove(tmp_path / "data" / "mine" / "tokenizer.json")
+    with pytest.raises(UserError, match="holds no tokenizer and data/mine/tokenizer.json does not exist"):
+        sample.main([f"--out_dir={tmp_path}", *args])
 
 
 def test_smollm2_offline_without_its_gguf_file_says_what_to_install(monkeypatch, capsys):

@@ -4,6 +4,7 @@ balancing, NaN handling, checkpoints, plots and bad input. Tiny models on a synt
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from tokenizers import Tokenizer, models
 import plot
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
+from configurator import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -28,7 +30,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 VOCAB = 64
 TINY = ["--device=cpu", "--compile=False", f"--vocab_size={VOCAB}", "--n_layer=2", "--n_embd=32", "--n_head=2",
         "--n_kv_head=1", "--intermediate_size=64", "--block_size=16", "--batch_size=4", "--eval_iters=2",
-        "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--log_interval=1"]
+        "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--log_interval=1", "--sample_tokens=4"]
 MOE = ["--attention=mla", "--kv_lora_rank=16", "--qk_nope_head_dim=8", "--qk_rope_head_dim=8", "--v_head_dim=8",
        "--n_routed_experts=8", "--n_activated_experts=2", "--n_shared_experts=1", "--moe_intermediate_size=16",
        "--first_k_dense=1"]
@@ -148,12 +150,12 @@ def test_bits_per_byte_and_samples_come_from_the_checkpointed_model(trained, dat
 
     with open(os.path.join(trained, "samples.jsonl")) as f:
         samples = [json.loads(line) for line in f]
-    prompts = train.DEFAULTS["sample_prompts"]
+    prompts = ckpt["settings"]["sample_prompts"]
     assert [(s["iter"], s["prompt"]) for s in samples] == [(i, p) for i in (0, 20, 40) for p in prompts]
     generator = torch.Generator().manual_seed(ckpt["settings"]["seed"])
     for sample in samples[-len(prompts):]:
         ids = torch.tensor([tok.encode(sample["prompt"]).ids])
-        new = model.generate(ids, train.DEFAULTS["sample_tokens"], temperature=0.8, top_k=200, generator=generator)
+        new = model.generate(ids, ckpt["settings"]["sample_tokens"], temperature=0.8, top_k=200, generator=generator)
         assert tok.decode(new[0, ids.size(1):].tolist()) == sample["text"]
 
 
@@ -162,7 +164,6 @@ def test_checkpoint_contract(trained, data):
     raw = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "model_config", "settings", "tokenizer", "optimizer", "iter_num", "tokens_seen", "best_val_loss"):
         assert key in raw
-    assert not any(k.startswith(("_orig_mod.", "module.")) for k in raw["model"])
     assert raw["tokenizer"] == open(os.path.join(data, "tokenizer.json")).read()
     assert raw["tokens_seen"] == 40 * 4 * 16 and raw["settings"]["max_iters"] == 40
     assert not set(raw["settings"]) & set(raw["model_config"])  # the model's fields are stored once
@@ -390,11 +391,25 @@ def test_compiled_training_matches_eager_and_resumes_exactly(data, tmp_path, arc
 
 # ---- DDP ----
 
-def test_torchrun_two_ranks_match_one_process_with_accumulation(data, tmp_path):
-    args = [*TINY, *MOE, f"--dataset={data}", "--max_iters=4", "--eval_interval=4", "--gradient_accumulation_steps=2"]
+PROBE = os.path.join(ROOT, "tests", "ddp_probe.py")
+
+
+@pytest.mark.parametrize("accumulation, batch", [(4, 4), (3, 4)], ids=["micro_steps_shared", "micro_batches_split"])
+def test_torchrun_two_ranks_match_one_process(data, tmp_path, accumulation, batch):
+    """Two Gloo ranks against one process with the same settings: the same losses, expert loads, balancing
+    biases and weights. With 4 micro-batches each rank runs 2 of them and all-reduces on the second only; with
+    3 (not divisible by 2) every micro-batch of 4 sequences is split into two halves."""
+    args = [*TINY, *MOE, f"--dataset={data}", "--max_iters=4", "--eval_interval=4",
+            f"--gradient_accumulation_steps={accumulation}", f"--batch_size={batch}"]
+    count = tmp_path / "synced"
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          TRAIN, *args, f"--out_dir={tmp_path / 'ddp'}"], env=ENV, capture_output=True, text=True)
+                          PROBE, str(count), *args, f"--out_dir={tmp_path / 'ddp'}"], env=ENV, capture_output=True,
+                         text=True)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
+    micro_steps = accumulation // 2 if accumulation % 2 == 0 else accumulation
+    assert f"2 rank(s) x {micro_steps} micro-steps x {batch if accumulation % 2 == 0 else batch // 2} sequences" in ddp.stdout
+    # one all-reducing backward per optimizer step on each rank: the other micro-steps keep their gradients local
+    assert [int(open(f"{count}.{rank}").read()) for rank in (0, 1)] == [4, 4]
     train.main([*args, f"--out_dir={tmp_path / 'single'}"])
     two, one = metrics(tmp_path / "ddp"), metrics(tmp_path / "single")
     assert [r["iter"] for r in two] == [r["iter"] for r in one] and len(one) == 6
@@ -404,6 +419,7 @@ def test_torchrun_two_ranks_match_one_process_with_accumulation(data, tmp_path):
         assert r2.get("expert_counts") == r1.get("expert_counts")  # the all-reduced loads
     a = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "single" / "ckpt.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()  # no DistributedDataParallel "module." prefix in the checkpoint
     assert torch.equal(a["layers.1.ffn.router.bias"], b["layers.1.ffn.router.bias"])
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
@@ -446,9 +462,58 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path):
                         "--eval_interval=5", "--grad_clip=0"], env=ENV, capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: loss is nan at iteration 4"), r.stderr[-500:]
+    # at lr 1e30 step 40's update makes the weights ~1e30: step 41's loss is huge but finite (RMSNorm and a
+    # float32 log-sum-exp keep it so); step 42's update overflows: its loss is the first NaN
+    assert line.startswith("error: loss is nan at iteration 42;"), r.stderr[-500:]
     assert (out / "ckpt.pt").read_bytes() == before
     load_checkpoint(str(out / "ckpt.pt"))
+
+
+def test_best_only_checkpoints_and_a_non_finite_validation_loss(trained, data, tmp_path):
+    """always_save_checkpoint=False keeps the best checkpoint when a later evaluation is worse, and a NaN
+    validation loss stops the run without saving."""
+    out = tmp_path / "best"
+    shutil.copytree(trained, out)
+    before = (out / "ckpt.pt").read_bytes()
+    with pytest.raises(UserError, match="validation loss is nan at iteration 42; stopped without saving"):
+        run_inprocess(data, out, "--init_from=resume", "--learning_rate=1e30", "--min_lr=1e30", "--max_iters=50",
+                      "--eval_interval=1", "--grad_clip=0", "--always_save_checkpoint=False")
+    val = {r["iter"]: r["val_loss"] for r in metrics(out) if "val_loss" in r}
+    assert val[41] > val[40] and math.isfinite(val[41])  # worse but finite: evaluated, not saved
+    assert (out / "ckpt.pt").read_bytes() == before
+    with open(out / "samples.jsonl") as f:  # sampled at 41; at 42 the NaN stopped the run before sampling
+        assert {json.loads(line)["iter"] for line in f} == {0, 20, 40, 41}
+
+
+def test_log_records_average_their_interval_and_speed_follows_its_definitions(data, tmp_path, capsys):
+    args = ["--max_iters=8", "--eval_interval=8", "--lr_decay_iters=8"]
+    every = [r for r in metrics(run_inprocess(data, tmp_path / "every", *args)) if "loss" in r]  # log_interval=1
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    four = run_inprocess(data, tmp_path / "four", *args, "--log_interval=4")
+    wall = time.perf_counter() - t0
+    records = [r for r in metrics(four) if "loss" in r]
+    assert [r["iter"] for r in records] == [4, 8]
+    for r, steps in zip(records, (every[:4], every[4:])):  # logging does not change the training
+        assert r["loss"] == pytest.approx(sum(s["loss"] for s in steps) / 4, rel=1e-12)
+        assert (r["lr"], r["grad_norm"], r["tokens"]) == (steps[-1]["lr"], steps[-1]["grad_norm"], steps[-1]["tokens"])
+    # tokens/s: an interval's tokens over its steps' time, which adds up to less than the whole run
+    tokens_per_step = 4 * 16
+    assert 0 < sum(4 * tokens_per_step / r["tokens_per_sec"] for r in records) < wall
+    # MFU: training FLOPs per token x tokens/s over the peak that the startup line reports
+    peak = float(re.search(r"matmul peak ([\d.]+) GFLOP/s", capsys.readouterr().out).group(1)) * 1e9
+    flops = model_from_checkpoint(load_checkpoint(os.path.join(four, "ckpt.pt"))).flops_per_token(16)
+    for r in records:
+        assert r["mfu"] == pytest.approx(flops * r["tokens_per_sec"] / peak, rel=2e-3)  # the peak is printed rounded
+
+
+def test_gradients_are_clipped_to_grad_clip(data, tmp_path):
+    """AdamW's first moment after one step is (1 - beta1) x the gradient it was given: its norm shows the clip."""
+    out = run_inprocess(data, tmp_path / "clip", "--max_iters=1", "--eval_interval=1", "--grad_clip=1e-3")
+    assert [r for r in metrics(out) if "loss" in r][0]["grad_norm"] > 0.1  # the norm before clipping is logged
+    state = load_checkpoint(os.path.join(out, "ckpt.pt"))["optimizer"]["state"]
+    moment = math.sqrt(sum(s["exp_avg"].double().square().sum().item() for s in state.values()))
+    assert moment == pytest.approx((1 - 0.9) * 1e-3, rel=1e-4)
 
 
 # ---- bad input: one line on stderr, non-zero exit, no traceback, nothing lost ----

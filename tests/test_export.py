@@ -1,4 +1,4 @@
-"""export_hf.py: what transformers loads from the exported directory computes our numbers."""
+"""export.py --format=hf: what transformers loads from the exported directory computes our numbers."""
 
 import dataclasses
 import os
@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import checkpoint
-import export_hf
+import export
 import pretrained
 from configurator import UserError, run_main
 from model import ModelConfig, Transformer
@@ -44,9 +44,9 @@ def tokenizer():
     return load_tokenizer("cosmo2")
 
 
-def tiny_model(name, trained):
+def tiny_model(name, trained, configs=CONFIGS):
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**TINY, **CONFIGS[name]))
+    model = Transformer(ModelConfig(**TINY, **configs[name]))
     if trained:  # a few AdamW steps on random tokens, with loss-free balancing moving the router biases
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         for _ in range(3):
@@ -73,7 +73,7 @@ def save_checkpoint(model, tokenizer, out_dir):
 def test_round_trip(name, trained, tokenizer, tmp_path):
     model = tiny_model(name, trained)
     save_checkpoint(model, tokenizer, tmp_path)
-    export_hf.main([f"--out_dir={tmp_path}"])  # the script's path: checkpoint -> out_dir/hf
+    export.main([f"--out_dir={tmp_path}"])  # the script's path: checkpoint -> out_dir/hf
     hf_dir = tmp_path / "hf"
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "tokenizer_config.json"} <= set(os.listdir(hf_dir))
@@ -105,7 +105,7 @@ def test_hub_loader_reads_an_exported_llama(tokenizer, tmp_path):
     """pretrained.load_hub (the Hub safetensors path, which this machine cannot reach) reads back what
     export wrote, through the same name mapping."""
     model = tiny_model("dense_gqa", trained=True)
-    export_hf.export(model, tokenizer, tmp_path)
+    export.export_hf(model, tokenizer, tmp_path)
     fresh = Transformer(model.config)
     pretrained.load_hub(fresh, tmp_path / "config.json", tmp_path / "model.safetensors")
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
@@ -122,19 +122,19 @@ def test_hub_loader_reads_an_exported_llama(tokenizer, tmp_path):
 def test_refuses_what_transformers_cannot_represent(change, message, tokenizer, tmp_path):
     cfg = ModelConfig(**TINY, **{**CONFIGS["mla_moe"], **change})
     with pytest.raises(UserError, match=message):
-        export_hf.export(Transformer(cfg), tokenizer, tmp_path / "hf")
+        export.export_hf(Transformer(cfg), tokenizer, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()  # nothing written
 
 
 def test_bad_input(tokenizer, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit:  # as `python export_hf.py` runs it, without the 2 s of imports
-        run_main(lambda: export_hf.main([f"--out_dir={tmp_path / 'nothing'}"]))
+    with pytest.raises(SystemExit) as exit:  # as `python export.py` runs it, without the 2 s of imports
+        run_main(lambda: export.main([f"--out_dir={tmp_path / 'nothing'}"]))
     assert exit.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: no checkpoint at {tmp_path / 'nothing' / 'ckpt.pt'}")
     # the script itself, on a checkpoint that transformers cannot represent
     cfg = ModelConfig(**TINY, **{**CONFIGS["mla_moe"], "score_func": "softmax"})
     save_checkpoint(Transformer(cfg), tokenizer, tmp_path / "softmax")
-    run = subprocess.run([sys.executable, "export_hf.py", f"--out_dir={tmp_path / 'softmax'}"], cwd=ROOT,
+    run = subprocess.run([sys.executable, "export.py", f"--out_dir={tmp_path / 'softmax'}"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.startswith("error: cannot export score_func='softmax'") and run.stderr.count("\n") == 1

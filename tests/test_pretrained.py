@@ -87,15 +87,6 @@ def test_greedy_generation_matches_transformers(models):
     assert a.tolist() == b.tolist()
 
 
-def test_unpermute_inverts_llama_cpp_permute():
-    """llama.cpp's LlamaModel.permute, written out as in convert_hf_to_gguf.py, then undone."""
-    w = torch.randn(3 * 8, 5)
-    n_head = 3
-    permuted = w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    assert not torch.equal(permuted, w)
-    assert torch.equal(pretrained.unpermute_rope_rows(permuted, n_head), w)
-
-
 # ---- the pretrained weights in train.py and sample.py (the loader itself is the fixture's, tested above) ----
 
 @pytest.fixture

@@ -1,0 +1,97 @@
+"""
+Export a checkpoint for other runtimes: a Hugging Face transformers directory, or one GGUF file for llama.cpp
+(and so for the tools built on it: Ollama, LM Studio, llama-cpp-python).
+
+    python export.py --out_dir=out                              # out/hf, a transformers directory
+    python export.py --out_dir=out --format=gguf                # out/model-f16.gguf
+    python export.py --out_dir=out --format=gguf --outtype=q8_0 --output=small.gguf
+
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained("out/hf")
+    llama-cli -m out/model-f16.gguf -p "Once upon a time"       # llama.cpp
+
+Dense GQA models become transformers' LlamaForCausalLM and llama.cpp's `llama`; MLA models (DeepSeekMoE or
+dense) become DeepseekV3ForCausalLM and llama.cpp's `deepseek2`. The transformers directory holds config.json,
+model.safetensors, generation_config.json, tokenizer.json and tokenizer_config.json; the GGUF file holds the
+weights and the tokenizer. Neither transformers nor llama.cpp is needed to export, only to load. The mappings
+are in hf_format.py and gguf_format.py; a model a format cannot represent is refused before anything is written.
+"""
+
+import json
+import os
+
+from safetensors.torch import save_file
+
+from checkpoint import checkpoint_tokenizer, load_checkpoint, model_from_checkpoint
+from configurator import UserError, configure, run_main
+from gguf_format import write_gguf
+from hf_format import hf_config, hf_tensors
+from tokenizer import eot_id
+
+DEFAULTS = dict(
+    out_dir="out",  # the directory holding ckpt.pt
+    format="hf",    # "hf" (a transformers directory) or "gguf" (one file for llama.cpp)
+    outtype="",     # gguf only: f32, f16, bf16 or q8_0; "" means f16
+    output="",      # where to write; "" means out_dir/hf or out_dir/model-{outtype}.gguf
+)
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def export_hf(model, tokenizer, hf_dir):
+    """Write model + tokenizer as a transformers directory; refuses (UserError) what transformers cannot represent."""
+    cfg = model.config
+    eot = eot_id(tokenizer)
+    config = hf_config(cfg, eot, next(model.parameters()).dtype)  # refuses before anything is written
+    tensors = hf_tensors(model)
+    os.makedirs(hf_dir, exist_ok=True)
+    path = os.path.join(hf_dir, "model.safetensors")
+    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
+    write_json(os.path.join(hf_dir, "config.json"), config)
+    write_json(os.path.join(hf_dir, "generation_config.json"),
+               {"bos_token_id": eot, "eos_token_id": eot})
+    path = os.path.join(hf_dir, "tokenizer.json")
+    eot_token = tokenizer.id_to_token(eot)
+    tokenizer.save(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    write_json(os.path.join(hf_dir, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": eot_token, "eos_token": eot_token, "unk_token": eot_token,
+        "model_max_length": cfg.block_size,
+        "clean_up_tokenization_spaces": False,
+    })
+
+
+def main(argv=None):
+    settings = configure(DEFAULTS, argv)
+    fmt, outtype = settings["format"], settings["outtype"]
+    if fmt not in ("hf", "gguf"):
+        raise UserError(f"--format={fmt}: use hf (a transformers directory) or gguf (llama.cpp)")
+    if fmt == "hf" and outtype:
+        raise UserError("--outtype is for --format=gguf; the transformers export keeps the checkpoint's float32")
+    outtype = outtype or "f16"  # write_gguf refuses any other than OUTTYPES before it writes
+    ckpt_path = os.path.join(settings["out_dir"], "ckpt.pt")
+    if not os.path.isfile(ckpt_path):
+        raise UserError(f"no checkpoint at {ckpt_path}: train one first (python train.py) or pass --out_dir=DIR")
+    ckpt = load_checkpoint(ckpt_path)
+    model, tokenizer = model_from_checkpoint(ckpt), checkpoint_tokenizer(ckpt)
+    mla = model.config.attention == "mla"
+    if fmt == "hf":
+        output = settings["output"] or os.path.join(settings["out_dir"], "hf")
+        export_hf(model, tokenizer, output)
+        kind = "DeepseekV3ForCausalLM" if mla else "LlamaForCausalLM"
+    else:
+        output = settings["output"] or os.path.join(settings["out_dir"], f"model-{outtype}.gguf")
+        write_gguf(model, tokenizer, eot_id(tokenizer), output, outtype)
+        kind = f"llama.cpp {'deepseek2' if mla else 'llama'}, {outtype}, {os.path.getsize(output) / 2**20:.1f} MiB,"
+    print(f"wrote {kind} ({model.num_params():,} parameters) to {output}")
+
+
+if __name__ == "__main__":
+    run_main(main)

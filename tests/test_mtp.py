@@ -1,10 +1,14 @@
 """Multi-token prediction (DeepSeek-V3 section 2.2) against independent computations: the MTP modules' loss written
 out position by position, their causality, mtp_depth=0 building the model it built before, speculative decoding
-against plain decoding (greedy token for token, sampling in distribution, drafts against a whole forward)."""
+against plain decoding (greedy token for token, sampling in distribution, drafts against a whole forward), and
+train.py with an MTP module (the main head's losses logged as the loss, exact resume, balancing, FLOPs)."""
 
 import hashlib
 import itertools
+import math
+import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,8 +16,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import model as model_py
+import train
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from configurator import UserError
 from model import ModelConfig, Transformer, accept_drafts, rope_tables
 from test_model import VARIANTS, randomize_router_bias, tiny
+from test_train import MOE, metrics, run_inprocess, write_dataset
 
 ARCHS = {"gqa": VARIANTS["gqa"], "mla_moe": VARIANTS["mla_qlora_moe"]}
 
@@ -31,7 +39,7 @@ def naive_mtp_loss(model, idx, targets):
     """DeepSeek-V3 eq. 21-25 written out: h'_i = W_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)] built position by
     position for i + k inside the window, the module's block, the shared norm and head, cross-entropy against
     t_{i+k+1} = targets[i + k]. Returns (main + lambda / D * sum_k L_k, [L_k])."""
-    cfg, (B, T) = model.config, idx.shape
+    cfg, T = model.config, idx.size(1)
     h = []
     hook = model.layers[-1].register_forward_hook(lambda module, args, out: h.append(out))
     with torch.no_grad():
@@ -290,3 +298,76 @@ def test_speculate_refuses_what_it_cannot_do():
         next(tiny().speculate(torch.zeros(1, 3, dtype=torch.long), 4))
     with pytest.raises(ValueError, match="batch 1"):
         next(tiny(mtp_depth=1).speculate(torch.zeros(2, 3, dtype=torch.long), 4))
+
+
+# ---- train.py ----
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(str(tmp_path_factory.mktemp("data") / "tiny"))
+
+
+def test_training_with_an_mtp_module(data, tmp_path):
+    """A tiny MLA + MoE model with one MTP module: the logged loss is the main head's and mtp_losses the module's
+    (recomputed from the checkpoint on the step's batch), the val loss is the main head's (recomputed on the
+    validation windows), 4 steps + a checkpoint + 4 more equal 8 steps bit for bit (the MTP block, its router bias
+    and its expert loads included), and a resumed run may lower the MTP loss weight, as DeepSeek-V3 did."""
+    args = [*MOE, "--mtp_depth=1", "--eval_interval=4", "--lr_decay_iters=8", "--sample_tokens=0"]
+    whole = run_inprocess(data, tmp_path / "whole", *args, "--max_iters=8")
+    part = run_inprocess(data, tmp_path / "part", *args, "--max_iters=4")
+    at_4 = load_checkpoint(os.path.join(part, "ckpt.pt"))
+    run_inprocess(data, part, *args, "--max_iters=8", "--init_from=resume")
+    a, b = load_checkpoint(os.path.join(whole, "ckpt.pt")), load_checkpoint(os.path.join(part, "ckpt.pt"))
+    assert a["model"].keys() == b["model"].keys() and a["model"]["mtp.0.block.ffn.router.bias"].abs().sum() > 0
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    untimed = lambda out: [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "mfu")} for r in metrics(out)]
+    assert untimed(part) == untimed(whole)
+
+    records = metrics(whole)
+    steps, evals = [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+    assert all(len(r["mtp_losses"]) == 1 and len(r["max_vio_layers"]) == 2 for r in steps)
+    assert [len(r["val_mtp_losses"]) for r in evals] == [1, 1, 1]
+    # step 5's batch, drawn from the checkpoint at 4's data generator, through the checkpoint at 4's model
+    _, _, files, _ = train.open_dataset(data)
+    split = train.open_split(data, files["train"], 16, "train")
+    generator = torch.Generator()
+    generator.set_state(at_4["data_rng"])
+    x, y = train.get_batch(split, torch.randint(int(split[1].sum()), (1, 4), generator=generator)[0], 16, torch.device("cpu"))
+    net = model_from_checkpoint(at_4).train()
+    with torch.no_grad():
+        logits, loss = net(x, y)
+    step_5 = next(r for r in steps if r["iter"] == 5)
+    assert step_5["loss"] == pytest.approx(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item(), abs=1e-5)
+    assert step_5["mtp_losses"][0] == pytest.approx(net.mtp_losses[0].item(), abs=1e-5)
+    assert loss.item() == pytest.approx(step_5["loss"] + 0.3 * step_5["mtp_losses"][0], abs=1e-5)
+    # the val losses at 8, from the final checkpoint on its validation windows
+    net = model_from_checkpoint(a)
+    val = torch.tensor(np.fromfile(os.path.join(data, "val_00000.bin"), dtype=np.uint16).astype(np.int64))
+    main, mtp = [], []
+    for windows in a["val_windows"]:
+        xy = torch.stack([val[w:w + 17] for w in windows.tolist()])
+        with torch.no_grad():
+            h, emb = net.trunk(xy[:, :-1])
+            main.append(F.cross_entropy(net.head(h).flatten(0, 1), xy[:, 1:].flatten()).item())
+            mtp.append(F.cross_entropy(net.mtp_logits(h, emb)[0].flatten(0, 1), xy[:, 2:].flatten()).item())
+    assert evals[-1]["val_loss"] == pytest.approx(sum(main) / len(main), abs=1e-5)
+    assert evals[-1]["val_mtp_losses"][0] == pytest.approx(sum(mtp) / len(mtp), abs=1e-5)
+    assert not math.isclose(evals[-1]["val_loss"], evals[-1]["val_mtp_losses"][0], abs_tol=1e-3)
+
+    run_inprocess(data, part, *args, "--max_iters=9", "--init_from=resume", "--mtp_loss_weight=0.1")
+    assert load_checkpoint(os.path.join(part, "ckpt.pt"))["model_config"]["mtp_loss_weight"] == 0.1
+
+
+def test_resuming_a_checkpoint_from_before_mtp_with_an_mtp_module_is_refused(data, tmp_path):
+    """A checkpoint that predates the MTP fields holds a model without MTP modules: --mtp_depth=1 is a different
+    model, not a setting to drop silently."""
+    out = run_inprocess(data, tmp_path / "old", "--max_iters=1", "--eval_interval=1", "--sample_tokens=0")
+    path = os.path.join(out, "ckpt.pt")
+    ckpt = load_checkpoint(path)
+    del ckpt["model_config"]["mtp_depth"], ckpt["model_config"]["mtp_loss_weight"]
+    save_checkpoint(ckpt, path)
+    with pytest.raises(UserError, match=r"different model: mtp_depth=0 \(the settings say 1\)"):
+        run_inprocess(data, out, "--max_iters=2", "--init_from=resume", "--mtp_depth=1")
+    run_inprocess(data, out, "--max_iters=2", "--init_from=resume", "--sample_tokens=0")
+    assert load_checkpoint(path)["iter_num"] == 2

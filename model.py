@@ -444,13 +444,15 @@ class Block(nn.Module):
 
 class MTPModule(nn.Module):
     """Multi-token prediction module k (DeepSeek-V3 section 2.2, eq. 21-23). At position i it joins the previous
-    depth's representation h^{k-1}_i with the embedding of token i + k, runs one block of the model's own kind, and,
-    through the model's shared final norm and output head, predicts token i + k + 1:
+    depth's representation h^{k-1}_i with the embedding of token i + k and runs one block of the model's own kind;
+    the model's final norm and output head, shared, turn the result into the prediction of token i + k + 1:
 
-        h'_i = W_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)],    h^k = Block(h')
+        h'_i = W_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)],    h^k = FinalNorm(Block(h')),    logits = Head(h^k)
 
-    The paper's eq. 21 writes [RMSNorm(h) ; RMSNorm(Emb)]; DeepSeek-V3's released MTP weights are used the other
-    way round, as eh_proj(cat(enorm(emb), hnorm(h))) (their names, kept here), and we follow the weights.
+    h^k is what the head reads, for the main model (h^0) as for the modules: DeepSeek-V3's inference code (vLLM,
+    SGLang) feeds its MTP layer the main model's final-norm output, and Megatron-LM chains normed outputs. The
+    paper's eq. 21 writes [RMSNorm(h) ; RMSNorm(Emb)]; DeepSeek-V3's released MTP weights are used the other way
+    round, as eh_proj(cat(enorm(emb), hnorm(h))) (their names, kept here), and we follow the weights.
     """
 
     def __init__(self, cfg, layer_id):
@@ -461,7 +463,8 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_id)
 
     def forward(self, h, emb, cos, sin, cache=None, start_pos=0):
-        """h^{k-1} [B, T, D] at positions start_pos.., emb [B, T, D] the embeddings of the tokens k later -> h^k [B, T, D]."""
+        """h^{k-1} [B, T, D] at positions start_pos.., emb [B, T, D] the embeddings of the tokens k later -> the
+        block's output [B, T, D] (h^k before the final norm)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))  # [B, T, 2D] -> [B, T, D]
         return self.block(x, cos, sin, cache, start_pos)
 
@@ -510,7 +513,7 @@ class Transformer(nn.Module):
         plus mtp_loss_weight x the mean of the MTP modules' cross-entropies (DeepSeek-V3 eq. 25, each one kept in
         self.mtp_losses), plus any MoE aux loss."""
         h, emb = self.trunk(idx, caches, start_pos)
-        logits = self.head(h)
+        logits = self.lm_head(h)
         loss = None
         if targets is not None:
             loss = cross_entropy(logits, targets)
@@ -524,8 +527,8 @@ class Transformer(nn.Module):
         return logits, loss
 
     def trunk(self, idx, caches=None, start_pos=0):
-        """idx [B, T] at positions start_pos.. -> the last block's output h [B, T, D] (h^0 of the MTP modules) and
-        the token embeddings [B, T, D] (which the MTP modules read too)."""
+        """idx [B, T] at positions start_pos.. -> h^0 [B, T, D], the last block's output through the final norm
+        (what the output head reads, and the first MTP module too), and the token embeddings [B, T, D]."""
         T = idx.size(1)
         if start_pos + T > self.config.block_size:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds block_size {self.config.block_size}")
@@ -534,14 +537,10 @@ class Transformer(nn.Module):
         x = emb
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, caches[i] if caches else None, start_pos)
-        return x, emb
+        return self.norm(x), emb
 
     def rope(self, start_pos, T):
         return self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
-
-    def head(self, h):
-        """The final norm and the output head, shared by the main model and the MTP modules: h [..., D] -> logits."""
-        return self.lm_head(self.norm(h))
 
     def mtp_logits(self, h, emb):
         """The MTP modules over a window, from trunk's h = h^0 and emb [B, T, D]: module k's logits [B, T - k, vocab]
@@ -550,8 +549,8 @@ class Transformer(nn.Module):
         each has one position fewer than the one before."""
         T, logits = h.size(1), []
         for k, module in enumerate(self.mtp, 1):
-            h = module(h[:, :T - k], emb[:, k:], *self.rope(0, T - k))   # h^k [B, T - k, D]
-            logits.append(self.head(h))
+            h = self.norm(module(h[:, :T - k], emb[:, k:], *self.rope(0, T - k)))  # h^k [B, T - k, D]
+            logits.append(self.lm_head(h))
         return logits
 
     # ---- MoE balancing: the trainer's side of loss-free balancing ----
@@ -656,6 +655,8 @@ class Transformer(nn.Module):
             raise ValueError("speculative decoding runs one sequence at a time (batch 1)")
         if not self.mtp:
             raise ValueError("speculative decoding drafts with the MTP modules, and this model has none (mtp_depth=0)")
+        if max_new_tokens < 1:
+            return
         stats = {} if stats is None else stats
         stats.setdefault("drafted", 0)
         stats.setdefault("accepted", 0)
@@ -664,7 +665,7 @@ class Transformer(nn.Module):
         mtp_caches = [KVCache(block_size) for _ in self.mtp]
         h, _ = self.trunk(idx[:, -block_size:], caches)                       # [1, T, D]: the prompt
         hidden = h.new_zeros(depth, block_size, h.size(-1))                    # [k - 1] = h^{k-1} at every position
-        token = sample_logits(self.head(h[:, -1]), temperature, top_k, top_p, generator)  # [1, 1]
+        token = sample_logits(self.lm_head(h[:, -1]), temperature, top_k, top_p, generator)  # [1, 1]
         yield token
         seq, start, pos, n_new = torch.cat([idx, token], dim=1), 0, h.size(1), 1
         while n_new < max_new_tokens:  # seq[:, pos] is the newest token; the main model has seen up to pos - 1
@@ -675,7 +676,7 @@ class Transformer(nn.Module):
             n = min(depth, block_size - 1 - pos, max_new_tokens - n_new - 1)   # the drafts must fit, and be needed
             drafts, q = self.draft(seq, hidden, start, n, mtp_caches, temperature, top_k, top_p, generator)
             h, _ = self.trunk(torch.cat([seq[:, -1:], drafts], dim=1), caches, start_pos=pos)  # [1, 1 + n, D]
-            p = token_probs(self.head(h[0]), temperature, top_k, top_p)        # [1 + n, vocab]
+            p = token_probs(self.lm_head(h[0]), temperature, top_k, top_p)     # [1 + n, vocab]
             m, token = accept_drafts(p, q, drafts[0], generator)
             stats["drafted"] += n
             stats["accepted"] += m
@@ -694,10 +695,10 @@ class Transformer(nn.Module):
         for k, module in enumerate(self.mtp[:n], 1):
             s = max(start - k + 1, 0)
             emb = self.tok_embeddings(tokens[s + k:pos + k])                  # the tokens k later, [pos - s, D]
-            h = module(hidden[None, k - 1, s:pos], emb[None], *self.rope(s, pos - s), caches[k - 1], s)  # h^k [1, pos - s, D]
+            h = self.norm(module(hidden[None, k - 1, s:pos], emb[None], *self.rope(s, pos - s), caches[k - 1], s))
             if k < len(self.mtp):
-                hidden[k, s:pos] = h[0]
-            q[k - 1] = token_probs(self.head(h[:, -1]), temperature, top_k, top_p)[0]
+                hidden[k, s:pos] = h[0]                                          # h^k [pos - s, D]
+            q[k - 1] = token_probs(self.lm_head(h[:, -1]), temperature, top_k, top_p)[0]
             tokens = torch.cat([tokens, torch.multinomial(q[k - 1], 1, generator=generator)])
         return tokens[None, pos + 1:], q
 

@@ -37,24 +37,24 @@ def masked_cross_entropy(logits, targets):
 
 def naive_mtp_loss(model, idx, targets):
     """DeepSeek-V3 eq. 21-25 written out: h'_i = W_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)] built position by
-    position for i + k inside the window, the module's block, the shared norm and head, cross-entropy against
-    t_{i+k+1} = targets[i + k]. Returns (main + lambda / D * sum_k L_k, [L_k])."""
+    position for i + k inside the window, h^k = the shared final norm of the module's block output, the shared
+    head, cross-entropy against t_{i+k+1} = targets[i + k]. Returns (main + lambda / D * sum_k L_k, [L_k])."""
     cfg, T = model.config, idx.size(1)
     h = []
     hook = model.layers[-1].register_forward_hook(lambda module, args, out: h.append(out))
     with torch.no_grad():
         logits, _ = model(idx)                                     # h^0: the last main block's output
     hook.remove()
-    h_prev, losses = h[0], []
+    h_prev, losses = rms(h[0], model.norm.weight), []  # h^0: the final norm's output, which the head reads
     for k, module in enumerate(model.mtp, 1):
         n = T - k
         inputs = [torch.cat([rms(model.tok_embeddings.weight[idx[:, i + k]], module.enorm.weight),
                              rms(h_prev[:, i], module.hnorm.weight)], -1) @ module.eh_proj.weight.T for i in range(n)]
         cos, sin = rope_tables(cfg.rope_dim, n, cfg.rope_theta)
         with torch.no_grad():
-            h_prev = module.block(torch.stack(inputs, 1), cos, sin)
+            h_prev = rms(module.block(torch.stack(inputs, 1), cos, sin), model.norm.weight)  # h^k, through the shared norm
         y = torch.stack([targets[:, i + k] for i in range(n)], 1)
-        losses.append(masked_cross_entropy(model.lm_head(rms(h_prev, model.norm.weight)), y))
+        losses.append(masked_cross_entropy(model.lm_head(h_prev), y))
     main = masked_cross_entropy(logits, targets)
     return main + cfg.mtp_loss_weight / len(losses) * sum(losses), losses
 
@@ -349,7 +349,7 @@ def test_training_with_an_mtp_module(data, tmp_path):
         xy = torch.stack([val[w:w + 17] for w in windows.tolist()])
         with torch.no_grad():
             h, emb = net.trunk(xy[:, :-1])
-            main.append(F.cross_entropy(net.head(h).flatten(0, 1), xy[:, 1:].flatten()).item())
+            main.append(F.cross_entropy(net.lm_head(h).flatten(0, 1), xy[:, 1:].flatten()).item())
             mtp.append(F.cross_entropy(net.mtp_logits(h, emb)[0].flatten(0, 1), xy[:, 2:].flatten()).item())
     assert evals[-1]["val_loss"] == pytest.approx(sum(main) / len(main), abs=1e-5)
     assert evals[-1]["val_mtp_losses"][0] == pytest.approx(sum(mtp) / len(mtp), abs=1e-5)

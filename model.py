@@ -8,6 +8,8 @@ A DeepSeek-style decoder-only Transformer in one file.
 - Feed-forward: SwiGLU, or DeepSeekMoE (shared + fine-grained routed experts) with the
   auxiliary-loss-free balancing of DeepSeek-V3 (a per-expert bias that steers selection only); the
   routed experts are stacked weights run with grouped GEMMs, without host syncs (torchtitan, nanochat).
+- Multi-token prediction (DeepSeek-V3): mtp_depth sequential modules predict the tokens after the next one; they
+  add a weighted loss in training, and draft tokens for speculative decoding.
 
 References: nanoGPT's model.py (structure), DeepSeek-V3 inference/model.py and the DeepSeek-V2/V3
 papers (MLA, MoE, loss-free balancing), Llama / SmolLM2 (GQA, RoPE, SwiGLU).
@@ -638,11 +640,11 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def speculate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stats=None):
-        """`stream` by speculative decoding (Leviathan et al. 2023; DeepSeek-V3 section 5.4.3), for one sequence
-        idx [1, T]: the MTP modules draft the next tokens, one forward of the main model over [the newest token ;
-        the drafts] checks them all, and `accept_drafts` keeps a prefix of them and draws one more token. The
-        tokens follow the main model's distribution: at temperature 0 they are `stream`'s greedy tokens (up to
-        float rounding, which a chunk of positions and a single one may do differently). stats, a dict, gets the
+        """`stream` by speculative decoding (Leviathan et al. 2023), as DeepSeek-V3 proposes for its MTP modules, for
+        one sequence idx [1, T]: the MTP modules draft the next tokens, one forward of the main model over [the
+        newest token ; the drafts] checks them all, and `accept_drafts` keeps a prefix of them and draws one more
+        token. The tokens follow the main model's distribution: at temperature 0 they are `stream`'s greedy tokens
+        (up to float rounding, which a chunk of positions and a single one may do differently). stats, a dict, gets the
         counts of "drafted" and "accepted" tokens added to it.
 
         The KV caches (the main model's, and each MTP block's over its own positions) are written at

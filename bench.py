@@ -210,9 +210,9 @@ def speculative_bench(cfg, settings, device, ctx, sync):
     model = Transformer(replace(cfg, mtp_depth=1)).to(device)
     generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=device.type in ("cuda", "cpu"))
-    steps = 30 if settings["quick"] else 100
+    steps = 40 if settings["quick"] else 150
     for _ in range(steps):
-        batch = counting(4, 65, generator).to(device)
+        batch = counting(8, 33, generator).to(device)
         with ctx:
             _, loss = model(batch[:, :-1], batch[:, 1:])
         loss.backward()

@@ -43,9 +43,9 @@ def naive_mtp_loss(model, idx, targets):
     h = []
     hook = model.layers[-1].register_forward_hook(lambda module, args, out: h.append(out))
     with torch.no_grad():
-        logits, _ = model(idx)                                     # h^0: the last main block's output
+        logits, _ = model(idx)                                     # the hook keeps the last main block's output
     hook.remove()
-    h_prev, losses = rms(h[0], model.norm.weight), []  # h^0: the final norm's output, which the head reads
+    h_prev, losses = rms(h[0], model.norm.weight), []              # h^0: through the final norm, as the head reads it
     for k, module in enumerate(model.mtp, 1):
         n = T - k
         inputs = [torch.cat([rms(model.tok_embeddings.weight[idx[:, i + k]], module.enorm.weight),

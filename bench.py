@@ -15,7 +15,10 @@ compared take turns, so that drift in the machine's speed favours neither. Secti
 3. the MoE layer alone (forward + backward on moe_tokens tokens): grouped GEMMs vs the sorted loop (the fallback
    where grouped GEMMs cannot run) vs a per-expert masked loop over all tokens, and against a dense SwiGLU with
    the same active FLOPs on the same tokens (the MoE's overhead; 1.0 would be none);
-4. prepare.py tokenization tokens/s with 1 worker and with all cores.
+4. speculative decoding at batch 1 (greedy): the MLA + MoE config with one multi-token-prediction module, trained
+   briefly on counting sequences, decoding with its MTP module drafting (Transformer.speculate) against plain
+   decoding, checking that both give the same tokens, and the share of drafts accepted;
+5. prepare.py tokenization tokens/s with 1 worker and with all cores.
 Prints a markdown table and writes bench.json.
 """
 
@@ -192,6 +195,44 @@ def moe_layer_bench(cfg, settings, device, dtype, ctx, sync):
     return rows
 
 
+def counting(batch, length, generator, period=64):
+    """Sequences that count up by one modulo period, jumping to a random token 10% of the time: a model learns
+    them in a few dozen steps, and then its next tokens, and its MTP module's, are mostly right."""
+    jumps = torch.rand(batch, length, generator=generator) < 0.1
+    steps = torch.where(jumps, torch.randint(0, period, (batch, length), generator=generator), 1)
+    return (torch.randint(0, period, (batch, 1), generator=generator) + steps.cumsum(1)) % period
+
+
+def speculative_bench(cfg, settings, device, ctx, sync):
+    """Greedy decoding at batch 1 of cfg with one MTP module trained on counting sequences: plain (generate) against
+    speculative (speculate, the MTP module drafting one token that the main model checks with the next one)."""
+    torch.manual_seed(0)
+    model = Transformer(replace(cfg, mtp_depth=1)).to(device)
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=device.type in ("cuda", "cpu"))
+    steps = 40 if settings["quick"] else 150
+    for _ in range(steps):
+        batch = counting(8, 33, generator).to(device)
+        with ctx:
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_router_bias(model.pop_expert_counts())
+    trained = dict(train_steps=steps, loss=loss.item(), mtp_loss=model.mtp_losses[0].item())
+    model.eval()
+    n_new = 32 if settings["quick"] else settings["gen_tokens"]
+    prompt = counting(1, 16, generator).to(device)
+    drafts = {}
+    with ctx, torch.no_grad():
+        plain = model.generate(prompt, n_new, temperature=0)
+        speculative = torch.cat([prompt, *model.speculate(prompt, n_new, temperature=0, stats=drafts)], dim=1)
+        t_plain, t_speculative = timed([lambda: model.generate(prompt, n_new, temperature=0),
+                                        lambda: list(model.speculate(prompt, n_new, temperature=0))], 5, sync=sync)
+    return dict(plain=n_new / t_plain, speculative=n_new / t_speculative, same_tokens=torch.equal(plain, speculative),
+                acceptance=drafts["accepted"] / max(drafts["drafted"], 1), **drafts, **trained)
+
+
 def prepare_bench(quick):
     """prepare.py on the offline corpus with 1 worker and all cores; tokens/s as it reports them."""
     rows = {}
@@ -228,6 +269,12 @@ def table(results):
     for name, r in results["moe_layer"].items():
         lines.append(f"| {name} | {r['grouped_ms']:.1f} | {r['sorted_loop_ms']:.1f} | {r['masked_loop_ms']:.1f} | "
                      f"{r['dense_ms']:.1f} | {r['grouped_ms'] / r['dense_ms']:.2f}x |")
+    r = results["speculative"]
+    same = "" if r["same_tokens"] else " (tokens differ!)"
+    lines += ["", "| speculative decoding, MLA + MoE + 1 MTP module, batch 1, greedy | plain (tokens/s) | speculative "
+              "(tokens/s) | ratio | drafts accepted |", "| --- | --- | --- | --- | --- |",
+              f"| trained {r['train_steps']} steps on counting sequences | {r['plain']:,.0f} | {r['speculative']:,.0f} | "
+              f"{r['speculative'] / r['plain']:.2f}x{same} | {r['acceptance']:.1%} ({r['accepted']} of {r['drafted']}) |"]
     if results.get("prepare"):
         lines += ["", "| prepare.py tokenization | tokens/s |", "| --- | --- |"]
         lines += [f"| {k} | {v:,.0f} |" if v else f"| {k} | failed |" for k, v in results["prepare"].items()]
@@ -260,6 +307,7 @@ def main(argv=None):
         results["train"][family] = train_step_bench(ours, hf, cfg, settings, device, ctx, sync, peak)
         if family == "MLA + MoE":
             results["moe_layer"] = moe_layer_bench(cfg, settings, device, dtype, ctx, sync)
+            results["speculative"] = speculative_bench(cfg, settings, device, ctx, sync)
     if settings["prepare"]:
         results["prepare"] = prepare_bench(settings["quick"])
     print(table(results))

@@ -8,6 +8,8 @@ A DeepSeek-style decoder-only Transformer in one file.
 - Feed-forward: SwiGLU, or DeepSeekMoE (shared + fine-grained routed experts) with the
   auxiliary-loss-free balancing of DeepSeek-V3 (a per-expert bias that steers selection only); the
   routed experts are stacked weights run with grouped GEMMs, without host syncs (torchtitan, nanochat).
+- Multi-token prediction (DeepSeek-V3): mtp_depth sequential modules predict the tokens after the next one; they
+  add a weighted loss in training, and draft tokens for speculative decoding.
 
 References: nanoGPT's model.py (structure), DeepSeek-V3 inference/model.py and the DeepSeek-V2/V3
 papers (MLA, MoE, loss-free balancing), Llama / SmolLM2 (GQA, RoPE, SwiGLU).
@@ -54,6 +56,8 @@ class ModelConfig:
     tie_embeddings: bool = True      # share the token embedding with the LM head
     dropout: float = 0.0             # residual and attention dropout (0 for pretraining)
     init_std: float = 0.02           # std of the normal initialisation
+    mtp_depth: int = 0               # multi-token prediction modules D (DeepSeek-V3 section 2.2); 0 = off
+    mtp_loss_weight: float = 0.3     # lambda of the MTP losses (DeepSeek-V3: 0.3 early in training, 0.1 later)
 
     def __post_init__(self):
         if self.attention not in ("gqa", "mla"):
@@ -66,6 +70,8 @@ class ModelConfig:
             raise ValueError("n_activated_experts must be in [1, n_routed_experts]")
         if self.rope_dim % 2:
             raise ValueError("the RoPE dimension must be even")
+        if not 0 <= self.mtp_depth < self.block_size:
+            raise ValueError(f"mtp_depth must be in [0, block_size), got {self.mtp_depth}")
 
     @classmethod
     def from_settings(cls, settings, where="settings", strict=False):
@@ -438,6 +444,38 @@ class Block(nn.Module):
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
+class MTPModule(nn.Module):
+    """Multi-token prediction module k (DeepSeek-V3 section 2.2, eq. 21-23). At position i it joins the previous
+    depth's representation h^{k-1}_i with the embedding of token i + k and runs one block of the model's own kind;
+    the model's final norm and output head, shared, turn the result into the prediction of token i + k + 1:
+
+        h'_i = W_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)],    h^k = FinalNorm(Block(h')),    logits = Head(h^k)
+
+    h^k is what the head reads, for the main model (h^0) as for the modules: DeepSeek-V3's inference code (vLLM,
+    SGLang) feeds its MTP layer the main model's final-norm output, and Megatron-LM chains normed outputs. The
+    paper's eq. 21 writes [RMSNorm(h) ; RMSNorm(Emb)]; DeepSeek-V3's released MTP weights are used the other way
+    round, as eh_proj(cat(enorm(emb), hnorm(h))) (their names, kept here), and we follow the weights.
+    """
+
+    def __init__(self, cfg, layer_id):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)   # W_k
+        self.block = Block(cfg, layer_id)
+
+    def forward(self, h, emb, cos, sin, cache=None, start_pos=0):
+        """h^{k-1} [B, T, D] at positions start_pos.., emb [B, T, D] the embeddings of the tokens k later -> the
+        block's output [B, T, D] (h^k before the final norm)."""
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))  # [B, T, 2D] -> [B, T, D]
+        return self.block(x, cos, sin, cache, start_pos)
+
+
+def cross_entropy(logits, targets):
+    """Mean cross-entropy of logits [B, T, vocab] against targets [B, T], over the targets that are not -1."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -452,39 +490,77 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.rope_dim, cfg.block_size, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # recomputed, never checkpointed
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
+        self._init(self)
+        # the MTP modules are built after the main model is initialised, so that the main model draws the same
+        # initial weights with or without them. They share its embedding and output head, and their blocks are
+        # numbered after its layers (MoE in an MoE model, like DeepSeek-V3's layer 61)
+        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layer + k) for k in range(cfg.mtp_depth))
+        self._init(self.mtp)
+        self.mtp_losses = None  # [D]: each MTP module's cross-entropy in the last forward with targets (for the log)
+
+    def _init(self, module):
         # GPT-2 scheme: N(0, init_std) everywhere; projections that write into the residual stream
         # are scaled by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth.
-        for name, p in self.named_parameters():
+        module.apply(self._init_weights)
+        for name, p in module.named_parameters():
             if name.endswith(("wo.weight", "down_proj.weight", "experts.down_proj")):
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+                nn.init.normal_(p, mean=0.0, std=self.config.init_std / math.sqrt(2 * self.config.n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
     def forward(self, idx, targets=None, caches=None, start_pos=0):
-        """idx [B, T] -> logits [B, T, vocab]; loss = mean cross-entropy over targets != -1 (+ MoE aux)."""
-        T = idx.size(1)
-        if start_pos + T > self.config.block_size:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds block_size {self.config.block_size}")
-        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
-        x = self.dropout(self.tok_embeddings(idx))
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, caches[i] if caches else None, start_pos)
-        logits = self.lm_head(self.norm(x))
+        """idx [B, T] -> logits [B, T, vocab]. With targets [B, T]: loss = mean cross-entropy over targets != -1,
+        plus mtp_loss_weight x the mean of the MTP modules' cross-entropies (DeepSeek-V3 eq. 25, each one kept in
+        self.mtp_losses), plus any MoE aux loss."""
+        h, emb = self.trunk(idx, caches, start_pos)
+        logits = self.lm_head(h)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = cross_entropy(logits, targets)
+            if self.mtp:
+                self.mtp_losses = torch.stack([cross_entropy(mtp_logits, targets[:, k:])
+                                               for k, mtp_logits in enumerate(self.mtp_logits(h, emb), 1)])
+                loss = loss + self.config.mtp_loss_weight * self.mtp_losses.mean()  # (lambda / D) sum_k L_k
             for moe in self.moe_layers():
                 if moe.aux_loss is not None:
                     loss = loss + moe.aux_loss
         return logits, loss
 
+    def trunk(self, idx, caches=None, start_pos=0):
+        """idx [B, T] at positions start_pos.. -> h^0 [B, T, D], the last block's output through the final norm
+        (what the output head reads, and the first MTP module too), and the token embeddings [B, T, D]."""
+        T = idx.size(1)
+        if start_pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds block_size {self.config.block_size}")
+        cos, sin = self.rope(start_pos, T)
+        emb = self.dropout(self.tok_embeddings(idx))
+        x = emb
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, caches[i] if caches else None, start_pos)
+        return self.norm(x), emb
+
+    def rope(self, start_pos, T):
+        return self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+
+    def mtp_logits(self, h, emb):
+        """The MTP modules over a window, from trunk's h = h^0 and emb [B, T, D]: module k's logits [B, T - k, vocab]
+        at position i come from h^{k-1}_i and the embedding of token i + k, and predict token i + k + 1 (the
+        target at i + k). A module has no position whose token i + k lies past the window (no wrap-around), so
+        each has one position fewer than the one before."""
+        T, logits = h.size(1), []
+        for k, module in enumerate(self.mtp, 1):
+            h = self.norm(module(h[:, :T - k], emb[:, k:], *self.rope(0, T - k)))  # h^k [B, T - k, D]
+            logits.append(self.lm_head(h))
+        return logits
+
     # ---- MoE balancing: the trainer's side of loss-free balancing ----
 
     def moe_layers(self):
-        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+        """The MoE layers in order, the MTP modules' last: the expert counts and the balancing cover them all."""
+        blocks = [*self.layers, *(module.block for module in self.mtp)]
+        return [block.ffn for block in blocks if isinstance(block.ffn, MoE)]
 
     def pop_expert_counts(self):
         """Tokens routed to each expert since the last call, [n_moe_layers, E]; resets the counters."""
@@ -507,7 +583,8 @@ class Transformer(nn.Module):
     # ---- sizes and costs ----
 
     def num_params(self, active=False):
-        """All parameters (a tied embedding counted once), or those one token uses (top-k of the routed experts)."""
+        """All parameters (a tied embedding counted once), or those one token uses in training (top-k of the
+        routed experts). Both include the MTP modules (self.mtp.parameters() counts them apart)."""
         n = sum(p.numel() for p in self.parameters())
         if active:
             for moe in self.moe_layers():
@@ -518,14 +595,17 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (forward + backward): 6 per active matmul weight, plus attention
         scores and weighted sums, 6 * n_layer * n_head * (qk_dim + v_dim) * seq_len (PaLM appendix B,
-        without discounting the causal half). The input embedding is a lookup, not a matmul."""
+        without discounting the causal half). The input embedding is a lookup, not a matmul. The MTP modules
+        count as training runs them: each one's block and W_k, and the shared output head once more per module
+        (on all but k of a window's positions: seq_len - k, rounded up to seq_len)."""
         cfg = self.config
         n = self.num_params(active=True) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.n_embd)
+        n += cfg.mtp_depth * cfg.vocab_size * cfg.n_embd
         if cfg.attention == "mla":
             qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
         else:
             qk = v = cfg.gqa_head_dim
-        return 6 * n + 6 * cfg.n_layer * cfg.n_head * (qk + v) * seq_len
+        return 6 * n + 6 * (cfg.n_layer + cfg.mtp_depth) * cfg.n_head * (qk + v) * seq_len
 
     # ---- generation ----
 
@@ -558,13 +638,96 @@ class Transformer(nn.Module):
             else:
                 logits, _ = self(idx[:, -block_size:])
 
+    @torch.no_grad()
+    def speculate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stats=None):
+        """`stream` by speculative decoding (Leviathan et al. 2023), as DeepSeek-V3 proposes for its MTP modules, for
+        one sequence idx [1, T]: the MTP modules draft the next tokens, one forward of the main model over [the
+        newest token ; the drafts] checks them all, and `accept_drafts` keeps a prefix of them and draws one more
+        token. The tokens follow the main model's distribution: at temperature 0 they are `stream`'s greedy tokens
+        (up to float rounding, which a chunk of positions and a single one may do differently). stats, a dict, gets the
+        counts of "drafted" and "accepted" tokens added to it.
 
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick one token per row of logits [B, V]: greedy at temperature 0, else sample from the
-    temperature-scaled distribution restricted to the top_k tokens and to the smallest set of
+        The KV caches (the main model's, and each MTP block's over its own positions) are written at
+        [start_pos, start_pos + T) and read up to there only: the entries of refused drafts are never read, and the
+        next forward overwrites them. Module k at position j reads token j + k, a draft for its last k - 1
+        positions, so every round it redoes those, from h^{k-1} kept for every position (`hidden`). Once the
+        cache is full, decoding goes on as `stream` does past block_size.
+        """
+        if idx.size(0) != 1:
+            raise ValueError("speculative decoding runs one sequence at a time (batch 1)")
+        if not self.mtp:
+            raise ValueError("speculative decoding drafts with the MTP modules, and this model has none (mtp_depth=0)")
+        if max_new_tokens < 1:
+            return
+        stats = {} if stats is None else stats
+        stats.setdefault("drafted", 0)
+        stats.setdefault("accepted", 0)
+        block_size, depth = self.config.block_size, len(self.mtp)
+        caches = [KVCache(block_size) for _ in self.layers]
+        mtp_caches = [KVCache(block_size) for _ in self.mtp]
+        h, _ = self.trunk(idx[:, -block_size:], caches)                       # [1, T, D]: the prompt
+        hidden = h.new_zeros(depth, block_size, h.size(-1))                    # [k - 1] = h^{k-1} at every position
+        token = sample_logits(self.lm_head(h[:, -1]), temperature, top_k, top_p, generator)  # [1, 1]
+        yield token
+        seq, start, pos, n_new = torch.cat([idx, token], dim=1), 0, h.size(1), 1
+        while n_new < max_new_tokens:  # seq[:, pos] is the newest token; the main model has seen up to pos - 1
+            if pos >= block_size:
+                yield from self.stream(seq, max_new_tokens - n_new, temperature, top_k, top_p, generator, kv_cache=False)
+                return
+            hidden[0, start:pos] = h[0, :pos - start]                          # h^0 of the positions just verified
+            n = min(depth, block_size - 1 - pos, max_new_tokens - n_new - 1)   # the drafts must fit, and be needed
+            drafts, q = self.draft(seq, hidden, start, n, mtp_caches, temperature, top_k, top_p, generator)
+            h, _ = self.trunk(torch.cat([seq[:, -1:], drafts], dim=1), caches, start_pos=pos)  # [1, 1 + n, D]
+            p = token_probs(self.lm_head(h[0]), temperature, top_k, top_p)     # [1 + n, vocab]
+            m, token = accept_drafts(p, q, drafts[0], generator)
+            stats["drafted"] += n
+            stats["accepted"] += m
+            new = torch.cat([drafts[0, :m], token])                           # [m + 1]
+            for t in new:
+                yield t.view(1, 1)
+            seq, start, pos, n_new = torch.cat([seq, new.view(1, -1)], dim=1), pos, pos + m + 1, n_new + m + 1
+
+    def draft(self, seq, hidden, start, n, caches, temperature, top_k, top_p, generator):
+        """n draft tokens [1, n] to follow seq [1, pos + 1], and the distributions q [n, vocab] they were drawn from.
+        Module k at position pos - 1 (the newest the main model has seen) reads h^{k-1} there and token pos - 1 + k
+        (the newest token for k = 1, then the drafts before), and predicts the token after. Its cache is
+        up to date before position start - k + 1, from where it runs again; hidden[k - 1] holds h^{k-1} to pos - 1."""
+        pos = seq.size(1) - 1
+        tokens, q = seq[0], hidden.new_zeros(n, self.config.vocab_size)
+        for k, module in enumerate(self.mtp[:n], 1):
+            s = max(start - k + 1, 0)
+            emb = self.tok_embeddings(tokens[s + k:pos + k])                  # the tokens k later, [pos - s, D]
+            h = self.norm(module(hidden[None, k - 1, s:pos], emb[None], *self.rope(s, pos - s), caches[k - 1], s))
+            if k < len(self.mtp):
+                hidden[k, s:pos] = h[0]                                          # h^k [pos - s, D]
+            q[k - 1] = token_probs(self.lm_head(h[:, -1]), temperature, top_k, top_p)[0]
+            tokens = torch.cat([tokens, torch.multinomial(q[k - 1], 1, generator=generator)])
+        return tokens[None, pos + 1:], q
+
+
+def accept_drafts(p, q, drafts, generator=None):
+    """Speculative sampling (Leviathan et al. 2023, Chen et al. 2023): the one accept/reject rule. drafts [n] were
+    drawn from q [n, vocab]; p [n + 1, vocab] is the main model's distribution at the same positions and one more.
+    Draft i is kept with probability min(1, p_i(d_i) / q_i(d_i)) while all before it were kept; the first one
+    refused is replaced by a draw from norm(max(0, p_i - q_i)); when all are kept, one more token is drawn from
+    p_n. Whatever q is, every token is then distributed as p alone would draw it. Greedy decoding is the case of
+    one-hot p and q: a draft is kept when it is p's argmax, and else replaced by it.
+    Returns (how many drafts are kept, the next token [1])."""
+    n = drafts.size(0)
+    rows = torch.arange(n, device=drafts.device)
+    u = torch.rand(n, generator=generator, device=p.device)
+    kept = u < p[rows, drafts] / q[rows, drafts]                  # u in [0, 1): with probability min(1, p / q)
+    m = int(kept.cumprod(0).sum())                                # the leading run of kept drafts
+    weights = (p[m] - q[m]).clamp_min(0) if m < n else p[n]       # multinomial normalises the weights
+    return m, torch.multinomial(weights, 1, generator=generator)
+
+
+def token_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """The distribution that sample_logits draws from, per row of logits [B, V] -> [B, V]: one-hot on the argmax at
+    temperature 0, else the temperature-scaled softmax restricted to the top_k tokens and to the smallest set of
     tokens whose probability reaches top_p (nucleus)."""
     if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
+        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
     logits = logits.float() / temperature
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
@@ -576,5 +739,11 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    return logits.softmax(dim=-1)
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row of logits [B, V]: greedy at temperature 0, else a draw from token_probs."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(token_probs(logits, temperature, top_k, top_p), num_samples=1, generator=generator)

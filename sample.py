@@ -4,10 +4,13 @@ Sample text from a trained model (out_dir/ckpt.pt) or from pretrained SmolLM2-13
     python sample.py --start "Once upon a time"
     python sample.py --out_dir=out/cpu_moe --start FILE:prompt.txt --num_samples=3 --stream=True
     python sample.py --init_from=smollm2-135m --temperature=0 --start "Once upon a time"
+    python sample.py --out_dir=out/mtp --speculative=True    # a model trained with --mtp_depth=1 or more
 
 Decoding uses the model's KV cache (for MLA the absorbed latent cache) and the tokenizer saved in the
-checkpoint, and ends a sample at the end-of-text token unless --stop_at_eot=False. Text goes to stdout;
-notes and the generation speed go to stderr.
+checkpoint, and ends a sample at the end-of-text token unless --stop_at_eot=False. --speculative=True drafts
+tokens with the model's multi-token-prediction modules and checks them with one forward of the main model
+(the same text at temperature 0, the same distribution otherwise). Text goes to stdout; notes, the generation
+speed and the drafts' acceptance rate go to stderr.
 """
 
 import os
@@ -38,6 +41,7 @@ DEFAULTS = dict(
     stream=False,           # print tokens as they are generated
     stop_at_eot=True,       # end a sample at the end-of-text token
     kv_cache=True,          # False recomputes the whole context for every token (to measure what the cache saves)
+    speculative=False,      # speculative decoding with the model's MTP modules as the drafter (mtp_depth > 0)
 )
 
 
@@ -54,6 +58,8 @@ def check_options(settings):
         raise UserError(f"--max_new_tokens={settings['max_new_tokens']}: must be at least 1")
     if settings["num_samples"] < 1:
         raise UserError(f"--num_samples={settings['num_samples']}: must be at least 1")
+    if settings["speculative"] and not settings["kv_cache"]:
+        raise UserError("--speculative=True checks the drafts in one forward over the KV cache: drop --kv_cache=False")
 
 
 def read_prompt(start):
@@ -85,6 +91,10 @@ def main(argv=None):
     dtype = pick_dtype(settings["dtype"], device)
     prompt = read_prompt(settings["start"])
     model, tokenizer = load(settings)
+    if settings["speculative"] and not model.mtp:
+        where = "SmolLM2-135M" if settings["init_from"] == "smollm2-135m" else f"the model in {settings['out_dir']}"
+        raise UserError(f"--speculative=True drafts with multi-token-prediction modules, and {where} has none "
+                        "(mtp_depth=0): train one with --mtp_depth=1, or drop --speculative")
     model.eval().to(device)
 
     ids = tokenizer.encode(prompt).ids
@@ -99,7 +109,7 @@ def main(argv=None):
 
     torch.manual_seed(settings["seed"])
     generator = torch.Generator(device=device).manual_seed(settings["seed"])
-    n_tokens, t0 = 0, time.perf_counter()
+    n_tokens, t0, drafts = 0, time.perf_counter(), {"drafted": 0, "accepted": 0}
     for _ in range(settings["num_samples"]):
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         out, shown = list(ids), ""
@@ -107,8 +117,11 @@ def main(argv=None):
             shown = tokenizer.decode(out, skip_special_tokens=False)
             print(shown, end="", flush=True)
         with autocast(device, dtype):
-            for token in model.stream(idx, settings["max_new_tokens"], settings["temperature"], settings["top_k"],
-                                      settings["top_p"], generator, settings["kv_cache"]):
+            sampling = (idx, settings["max_new_tokens"], settings["temperature"], settings["top_k"], settings["top_p"],
+                        generator)
+            tokens = model.speculate(*sampling, stats=drafts) if settings["speculative"] else \
+                model.stream(*sampling, settings["kv_cache"])
+            for token in tokens:
                 token = token.item()
                 n_tokens += 1
                 if token == eot:
@@ -125,6 +138,9 @@ def main(argv=None):
     seconds = time.perf_counter() - t0
     print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s "
           f"({'with' if settings['kv_cache'] else 'without'} KV cache, {device}, {dtype})", file=sys.stderr)
+    if settings["speculative"]:
+        print(f"speculative decoding: {drafts['accepted']} of {drafts['drafted']} drafted tokens accepted "
+              f"({drafts['accepted'] / max(drafts['drafted'], 1):.1%})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -211,6 +211,8 @@ def build_model(settings, ckpt, data_dir, vocab_size):
         tokenizer = tok.to_str()
     elif ckpt is not None:
         model = model_from_checkpoint(ckpt)
+        # the MTP loss weight may change on resume (DeepSeek-V3 went from 0.3 to 0.1 for its last 4.8T tokens)
+        model.config = dataclasses.replace(model.config, mtp_loss_weight=settings["mtp_loss_weight"])
     else:
         cfg = ModelConfig.from_settings(settings)
         if vocab_size > cfg.vocab_size:
@@ -344,8 +346,8 @@ def all_sum(x, ddp):
 
 
 def optimizer_step(model, raw_model, optimizer, scaler, state, train_split, settings, device, dtype, ranks):
-    """One optimizer step on this rank's share of the step's global batch; (loss, stop, grad norm, MaxVio per
-    layer, expert counts) from step_results."""
+    """One optimizer step on this rank's share of the step's global batch; (loss, MTP losses, stop, grad norm,
+    MaxVio per layer, expert counts) from step_results."""
     boundary = {"data_rng": state.data_gen.get_state(), "cpu_rng": torch.get_rng_state(),  # (the CUDA RNG's state
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}  # lives on the host)
     windows = torch.randint(int(train_split[1].sum()), (settings["gradient_accumulation_steps"], settings["batch_size"]),
@@ -354,7 +356,7 @@ def optimizer_step(model, raw_model, optimizer, scaler, state, train_split, sett
         mine = windows.view(ranks.world, ranks.micro_steps, -1)[ranks.rank]     # whole micro-batches
     else:
         mine = windows.view(ranks.micro_steps, ranks.world, -1)[:, ranks.rank]  # a slice of every micro-batch
-    loss_sum = torch.zeros((), device=device)
+    losses = torch.zeros(1 + raw_model.config.mtp_depth, device=device)  # the loss, then each MTP module's
     try:
         with interruptible(state, ranks):
             for micro in range(ranks.micro_steps):
@@ -363,7 +365,9 @@ def optimizer_step(model, raw_model, optimizer, scaler, state, train_split, sett
                     model.require_backward_grad_sync = micro == ranks.micro_steps - 1
                 with autocast(device, dtype):
                     _, loss = model(x, y)
-                loss_sum += loss.detach()
+                losses[0] += loss.detach()
+                if raw_model.mtp:
+                    losses[1:] += raw_model.mtp_losses.detach()
                 scaler.scale(loss / ranks.micro_steps).backward()
     except Interrupted:  # the run checkpoints the step's start: its batches and dropout draws come again on resume
         state.data_gen.set_state(boundary["data_rng"])
@@ -377,44 +381,53 @@ def optimizer_step(model, raw_model, optimizer, scaler, state, train_split, sett
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return step_results(raw_model, loss_sum / (ranks.micro_steps * ranks.world), grad_norm, state.signal, ranks.ddp)
+    return step_results(raw_model, losses / (ranks.micro_steps * ranks.world), grad_norm, state.signal, ranks.ddp)
 
 
-def step_results(raw_model, loss, grad_norm, stopping, ddp):
+def step_results(raw_model, losses, grad_norm, stopping, ddp):
     """Finish an optimizer step with one all-reduce and one wait for the device (the step's only sync).
 
-    Sums over the ranks the step's mean loss (a share per rank), whether any rank was signalled to stop,
-    and the tokens each expert received (MoE); applies loss-free balancing with those whole-step counts.
-    Returns, on the host: loss, stop, grad_norm, per-layer MaxVio [layers] and counts [layers, E].
+    Sums over the ranks the step's mean losses (a share per rank: the loss, then each MTP module's), whether any
+    rank was signalled to stop, and the tokens each expert received (MoE); applies loss-free balancing with
+    those whole-step counts. Returns, on the host: the main head's loss (the loss less the MTP term, as a run
+    without MTP would report it), the MTP losses [D], stop, grad_norm, per-layer MaxVio [layers] and counts
+    [layers, E].
     """
     counts = raw_model.pop_expert_counts()                                  # [layers, E]; [0, 0] if dense
-    shared = all_sum(torch.cat([loss.view(1), loss.new_full((1,), float(stopping)), counts.flatten()]), ddp)
-    counts = shared[2:].view_as(counts)
+    n = len(losses)
+    shared = all_sum(torch.cat([losses.new_full((1,), float(stopping)), losses, counts.flatten()]), ddp)
+    stop, losses, counts = shared[0], shared[1:1 + n], shared[1 + n:].view_as(counts)
     raw_model.update_router_bias(counts)
     vio = max_violation(counts) if counts.numel() else counts.new_zeros(0)
-    host = torch.cat([shared[:2], grad_norm.float().view(1), vio, counts.flatten()]).cpu()
-    n = len(vio)
-    return host[0].item(), host[1].item() > 0, host[2].item(), host[3:3 + n], host[3 + n:].view_as(counts)
+    host = torch.cat([stop.view(1), losses, grad_norm.float().view(1), vio, counts.flatten()]).cpu()
+    stop, (loss, *mtp), grad_norm = host[0].item() > 0, host[1:1 + n].tolist(), host[1 + n].item()
+    if mtp:  # the loss is main + lambda * mean(mtp)
+        loss -= raw_model.config.mtp_loss_weight * sum(mtp) / len(mtp)
+    return loss, mtp, stop, grad_norm, host[2 + n:2 + n + len(vio)], host[2 + n + len(vio):].view_as(counts)
 
 
 @torch.no_grad()
-def evaluate(model, val_split, state, block_size, eot, device, dtype, ranks):
-    """(mean cross-entropy over the fixed validation batches, summed cross-entropy of the targets that are text,
-    not end-of-text), shared out across ranks. Pure cross-entropy: the MoE auxiliary loss is a training
-    regulariser, not part of what the model predicts. Its bar goes away when it ends."""
+def evaluate(model, val_split, state, block_size, eot, device, dtype, ranks, mtp_depth):
+    """(mean cross-entropy of the main head over the fixed validation batches, summed cross-entropy of the
+    targets that are text, not end-of-text, each MTP module's mean cross-entropy [mtp_depth]), shared out across
+    ranks. Pure cross-entropy: the MoE auxiliary loss is a training regulariser, not part of what the model
+    predicts, and the val loss is the main head's alone, so that runs with and without MTP compare. Its bar goes
+    away when it ends."""
     model.eval()
-    total = torch.zeros(3, device=device)  # sum of batch means, batches, nats of the text targets
+    total = torch.zeros(3 + mtp_depth, device=device)  # sum of batch means, batches, nats of the text targets, MTP's
     batches = range(ranks.rank, len(state.val_windows), ranks.world)
     with interruptible(state, ranks):
         for k in tqdm(batches, desc="eval", leave=False, disable=not ranks.master, dynamic_ncols=True):
             x, y = get_batch(val_split, state.val_windows[k], block_size, device)
             with autocast(device, dtype):
-                logits, _ = model(x)
+                logits, _ = model(x, y if mtp_depth else None)  # targets: for the MTP modules' losses
             losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-            total += torch.stack([losses.mean(), torch.ones_like(losses[0]), losses[y.flatten() != eot].sum()])
+            total[:3] += torch.stack([losses.mean(), torch.ones_like(losses[0]), losses[y.flatten() != eot].sum()])
+            if mtp_depth:
+                total[3:] += model.mtp_losses.float()
     model.train()
     total = all_sum(total, ranks.ddp)
-    return (total[0] / total[1]).item(), total[2].item()
+    return (total[0] / total[1]).item(), total[2].item(), (total[3:] / total[1]).tolist()
 
 
 def text_bytes(tok, val_split, val_windows, block_size, eot):
@@ -543,20 +556,22 @@ class Progress:
 
     @staticmethod
     def empty():
-        return {"loss": 0.0, "steps": 0, "time": 0.0, "vio": 0.0, "counts": None}  # sums over a log interval
+        return {"loss": 0.0, "mtp": None, "steps": 0, "time": 0.0, "vio": 0.0, "counts": None}  # sums over a log interval
 
     def mfu(self, tok_s):
         return self.flops_per_token * tok_s / self.peak if self.peak else None
 
-    def update(self, state, lr, loss, grad_norm, vio, counts, dt):
+    def update(self, state, lr, loss, mtp, grad_norm, vio, counts, dt):
         w = self.window
         w["loss"], w["steps"], w["time"] = w["loss"] + loss, w["steps"] + 1, w["time"] + dt
+        w["mtp"] = mtp if w["mtp"] is None else [a + b for a, b in zip(w["mtp"], mtp)]
         if self.is_moe:
             w["vio"] = w["vio"] + vio
             w["counts"] = counts if w["counts"] is None else w["counts"] + counts
         tok_s, mfu = self.tokens_per_step / dt, self.mfu(self.tokens_per_step / dt)
         self.bar.update(1)
-        self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s" + (f" MFU {mfu:.1%}" if mfu else "")
+        self.bar.set_postfix_str(f"loss {loss:.4f}" + "".join(f" mtp{k} {m:.4f}" for k, m in enumerate(mtp, 1))
+                                 + f" lr {lr:.2e} {tok_s:,.0f} tok/s" + (f" MFU {mfu:.1%}" if mfu else "")
                                  + (f" MaxVio {vio.mean().item():.2f}" if self.is_moe else ""))
         if state.iter_num % self.settings["log_interval"] and state.iter_num != self.settings["max_iters"]:
             return
@@ -564,6 +579,8 @@ class Progress:
         tok_s = n * self.tokens_per_step / w["time"]
         record = {"iter": state.iter_num, "tokens": state.tokens_seen, "loss": w["loss"] / n, "lr": lr,
                   "grad_norm": grad_norm, "tokens_per_sec": tok_s, "mfu": self.mfu(tok_s)}
+        if mtp:  # each MTP module's cross-entropy; the loss above is the main head's
+            record["mtp_losses"] = [m / n for m in w["mtp"]]
         if self.is_moe:  # MaxVio of each step's batch, averaged over the interval; overall = mean of layers
             per_layer = w["vio"] / n
             record.update(max_vio=per_layer.mean().item(), max_vio_layers=per_layer.tolist(),
@@ -574,13 +591,15 @@ class Progress:
     def close(self):
         self.bar.close()
 
-def report_evaluation(state, val_loss, bpb, samples, log, samples_log, say, ckpt_path):
+def report_evaluation(state, val_loss, bpb, val_mtp, samples, log, samples_log, say, ckpt_path):
     """Print and log an evaluation's results (all of them or none: an interrupted evaluation is redone)."""
     if not math.isfinite(val_loss):
         raise UserError(f"validation loss is {val_loss} at iteration {state.iter_num}; stopped without "
                         f"saving, {ckpt_path} is the last good checkpoint")
-    say(f"iter {state.iter_num}: val loss {val_loss:.4f}" + (f", {bpb:.3f} bits per byte" if bpb else ""))
-    log.write({"iter": state.iter_num, "tokens": state.tokens_seen, "val_loss": val_loss, "val_bpb": bpb})
+    say(f"iter {state.iter_num}: val loss {val_loss:.4f}" + (f", {bpb:.3f} bits per byte" if bpb else "")
+        + (f"; MTP modules {', '.join(f'{m:.4f}' for m in val_mtp)}" if val_mtp else ""))
+    record = {"iter": state.iter_num, "tokens": state.tokens_seen, "val_loss": val_loss, "val_bpb": bpb}
+    log.write({**record, "val_mtp_losses": val_mtp} if val_mtp else record)
     for prompt, text in samples:
         say(f"  > {prompt}{' '.join(text.split())}")  # one line each on the terminal; the file keeps the text
         samples_log.write({"iter": state.iter_num, "prompt": prompt, "text": text})
@@ -623,7 +642,9 @@ def train(settings, device, dtype, use_compile, ranks):
     ckpt = None
     if settings["init_from"] == "resume":
         ckpt = load_checkpoint(ckpt_path)
-        check_same_model(settings, ckpt["model_config"], f"checkpoint {ckpt_path}")
+        # fields that the checkpoint predates are their defaults, as model_from_checkpoint builds it
+        check_same_model(settings, {**dataclasses.asdict(ModelConfig()), **ckpt["model_config"]},
+                         f"checkpoint {ckpt_path}", ignore=("mtp_loss_weight",))
     data_dir, meta, files, tokenizer = open_dataset(settings["dataset"])
     train_split = open_split(data_dir, files["train"], block_size, "train")
     val_split = open_split(data_dir, files["val"], block_size, "val")
@@ -649,8 +670,10 @@ def train(settings, device, dtype, use_compile, ranks):
     # ---- what is about to happen ----
     tokens_per_step = settings["batch_size"] * settings["gradient_accumulation_steps"] * block_size
     peak, peak_note = peak_flops(device) if ranks.master else (None, "")
+    mtp_params = sum(p.numel() for p in raw_model.mtp.parameters())
     say(f"model: {raw_model.num_params():,} parameters, {raw_model.num_params(active=True):,} active per token "
-        f"({raw_model.config.attention}, {'MoE' if is_moe else 'dense'}, {raw_model.config.n_layer} layers)")
+        f"({raw_model.config.attention}, {'MoE' if is_moe else 'dense'}, {raw_model.config.n_layer} layers"
+        + (f"; {len(raw_model.mtp)} MTP module(s), {mtp_params:,} of the parameters" if mtp_params else "") + ")")
     say(f"tokens per step: {tokens_per_step:,} = {ranks.world} rank(s) x {ranks.micro_steps} micro-steps x "
         f"{ranks.micro_batch} sequences x {block_size} tokens; {max_iters:,} steps = {tokens_per_step * max_iters:,} tokens")
     say(f"precision: {dtype} on {device}{', torch.compile' if use_compile else ''}; MFU against {peak_note}")
@@ -676,11 +699,12 @@ def train(settings, device, dtype, use_compile, ranks):
                 raise Interrupted(state.signal or signal.SIGTERM)
             if (state.iter_num % settings["eval_interval"] == 0 or state.iter_num == max_iters) and \
                     state.evaluated != state.iter_num:  # a resumed run's checkpoint may have evaluated already
-                val_loss, text_nats = evaluate(compiled, val_split, state, block_size, meta["eot_id"], device, dtype, ranks)
+                val_loss, text_nats, val_mtp = evaluate(compiled, val_split, state, block_size, meta["eot_id"], device,
+                                                        dtype, ranks, raw_model.config.mtp_depth)
                 samples = generate_samples(raw_model, tok, settings, state, device, dtype, ranks) \
                     if tok and settings["sample_tokens"] and math.isfinite(val_loss) else []  # NaN: reported next
                 report_evaluation(state, val_loss, text_nats / math.log(2) / val_bytes if val_bytes else None,
-                                  samples, log, samples_log, say, ckpt_path)
+                                  val_mtp, samples, log, samples_log, say, ckpt_path)
                 if val_loss < state.best_val_loss or settings["always_save_checkpoint"]:
                     state.best_val_loss = min(state.best_val_loss, val_loss)
                     if state.iter_num > state.start_iter:
@@ -689,14 +713,14 @@ def train(settings, device, dtype, use_compile, ranks):
             if state.iter_num >= max_iters:
                 break
             t0 = time.perf_counter()
-            loss, stop, grad_norm, vio, counts = optimizer_step(model, raw_model, optimizer, scaler, state,
-                                                                train_split, settings, device, dtype, ranks)
+            loss, mtp, stop, grad_norm, vio, counts = optimizer_step(model, raw_model, optimizer, scaler, state,
+                                                                     train_split, settings, device, dtype, ranks)
             if not math.isfinite(loss):  # the weights in memory are spoiled, the checkpoint is not
                 raise UserError(f"loss is {loss} at iteration {state.iter_num}; stopped without saving, "
                                 f"{ckpt_path} is the last good checkpoint (try a lower learning_rate)")
             state.iter_num += 1
             state.tokens_seen += tokens_per_step
-            progress.update(state, lr, loss, grad_norm, vio, counts, time.perf_counter() - t0)
+            progress.update(state, lr, loss, mtp, grad_norm, vio, counts, time.perf_counter() - t0)
     except Interrupted:  # at a step boundary: the last completed step is what the checkpoint holds
         signum, progressed = state.signal or signal.SIGTERM, state.iter_num > state.start_iter
         progress.close()

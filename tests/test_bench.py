@@ -2,6 +2,7 @@
 figures it reports are consistent with the models it measured."""
 
 import json
+import math
 
 import pytest
 
@@ -66,5 +67,11 @@ def test_bench_runs_every_section_on_tiny_models(tmp_path, capsys, dtype):
         ours = results["train"][family]["ours"]
         assert ours["mfu"] == pytest.approx(Transformer(cfg).flops_per_token(64) * ours["tokens_per_s"] /
                                             results["peak_flops"], rel=1e-9)
+    # speculative decoding: the same greedy tokens as plain decoding, and an MTP module that learned to count
+    spec = results["speculative"]
+    assert spec["same_tokens"] and spec["plain"] > 0 and spec["speculative"] > 0
+    assert spec["mtp_loss"] < math.log(256) - 2 and 0.5 * spec["drafted"] < spec["accepted"] <= spec["drafted"]
+    assert spec["acceptance"] == spec["accepted"] / spec["drafted"]
     table = capsys.readouterr().out
     assert "| generate, MLA + MoE, batch 8 (tokens/s) |" in table and "differ" not in table
+    assert "| speculative decoding, MLA + MoE + 1 MTP module, batch 1, greedy |" in table

@@ -47,6 +47,6 @@ def test_a_checkpoint_from_before_settings_were_stored_apart_still_loads(tmp_pat
 
 
 def test_model_settings_this_version_does_not_know_are_refused():
-    ckpt = {"model": Transformer(CFG).state_dict(), "model_config": {**dataclasses.asdict(CFG), "mtp_depth": 1}}
-    with pytest.raises(UserError, match="does not know: mtp_depth"):
+    ckpt = {"model": Transformer(CFG).state_dict(), "model_config": {**dataclasses.asdict(CFG), "attention_sink": 1}}
+    with pytest.raises(UserError, match="does not know: attention_sink"):
         model_from_checkpoint(ckpt)

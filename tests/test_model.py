@@ -254,8 +254,8 @@ def test_moe_under_autocast_matches_float32(dtype, experts_path):
 
 def test_moe_training_forward_is_one_graph_under_bf16():
     """No host sync and no graph break: torch.compile captures the whole MLA + MoE model, the routed
-    experts' grouped GEMMs with their device-side offsets included."""
-    model = tiny(**VARIANTS["mla_qlora_moe"], aux_loss_alpha=1e-3).train()
+    experts' grouped GEMMs with their device-side offsets included, and an MTP module with its losses."""
+    model = tiny(**VARIANTS["mla_qlora_moe"], aux_loss_alpha=1e-3, mtp_depth=1).train()
     idx = torch.randint(0, 97, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         explained = torch._dynamo.explain(model)(idx, idx)

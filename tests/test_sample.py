@@ -3,6 +3,7 @@ the command line, and each bad input."""
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -142,11 +143,11 @@ def checkpoints(tmp_path_factory):
     """A tiny trained-format checkpoint, and one whose every logit is equal, so greedy picks id 0 = <|endoftext|>."""
     root = tmp_path_factory.mktemp("sample")
     tokenizer = load_tokenizer("cosmo2")
-    for name, kind in [("ckpt", "gqa"), ("eot", "gqa"), ("moe", "mla_moe")]:
-        model = tiny(kind, vocab_size=tokenizer.get_vocab_size(), tie_embeddings=False)
+    for name, kind in [("ckpt", "gqa"), ("eot", "gqa"), ("moe", "mla_moe"), ("mtp", "mla_moe")]:
+        model = tiny(kind, vocab_size=tokenizer.get_vocab_size(), tie_embeddings=False, mtp_depth=int(name == "mtp"))
         if name == "eot":
             model.norm.weight.data.zero_()
-        if name == "moe":  # a confident head: greedy choices far from ties, so that precision cannot flip them
+        if name in ("moe", "mtp"):  # a confident head: greedy choices far from ties, so that precision cannot flip them
             model.lm_head.weight.data *= 50
         os.makedirs(root / name)
         save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
@@ -240,6 +241,30 @@ def test_device_dtype_and_no_cache_from_the_command_line(checkpoints, capsys, mo
     monkeypatch.setattr(Transformer, "stream", lambda self, *a, **k: asked.append(a[-1]) or stream(self, *a, **k))
     sample.main(args + ["--kv_cache=False"])
     assert asked == [False] and capsys.readouterr().out == cached
+
+
+def test_speculative_decoding_prints_the_greedy_text_and_the_acceptance_rate(checkpoints, capsys):
+    args = [f"--out_dir={checkpoints / 'mtp'}", "--start=Once upon a time", "--temperature=0", "--max_new_tokens=12",
+            "--stop_at_eot=False"]
+    sample.main(args)
+    plain = capsys.readouterr().out
+    sample.main(args + ["--speculative=True"])
+    out, err = capsys.readouterr()
+    assert out == plain and len(out) > len("Once upon a time") + 12
+    accepted, drafted = map(int, re.search(r"speculative decoding: (\d+) of (\d+) drafted tokens accepted", err).groups())
+    assert 0 <= accepted <= drafted <= 11  # one draft a round, none in the round that makes the 12th token
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out_dir={ckpt}", "--speculative=True"], "has none (mtp_depth=0): train one with --mtp_depth=1"),
+    (["--out_dir={mtp}", "--speculative=True", "--kv_cache=False"], "drop --kv_cache=False"),
+], ids=["no_mtp_modules", "no_kv_cache"])
+def test_speculative_decoding_needs_mtp_modules_and_the_cache(checkpoints, capsys, args, message):
+    dirs = {name: checkpoints / name for name in ("ckpt", "mtp")}
+    with pytest.raises(SystemExit) as exit:
+        run_main(lambda: sample.main([a.format(**dirs) for a in args]))
+    out, err = capsys.readouterr()
+    assert exit.value.code == 2 and out == "" and err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
 def test_an_empty_prompt_is_refused(checkpoints, capsys):

@@ -394,13 +394,15 @@ def test_compiled_training_matches_eager_and_resumes_exactly(data, tmp_path, arc
 PROBE = os.path.join(ROOT, "tests", "ddp_probe.py")
 
 
-@pytest.mark.parametrize("accumulation, batch", [(4, 4), (3, 4)], ids=["micro_steps_shared", "micro_batches_split"])
-def test_torchrun_two_ranks_match_one_process(data, tmp_path, accumulation, batch):
+@pytest.mark.parametrize("accumulation, batch, mtp_depth", [(4, 4, 0), (3, 4, 1)],
+                         ids=["micro_steps_shared", "micro_batches_split_mtp"])
+def test_torchrun_two_ranks_match_one_process(data, tmp_path, accumulation, batch, mtp_depth):
     """Two Gloo ranks against one process with the same settings: the same losses, expert loads, balancing
     biases and weights. With 4 micro-batches each rank runs 2 of them and all-reduces on the second only; with
-    3 (not divisible by 2) every micro-batch of 4 sequences is split into two halves."""
+    3 (not divisible by 2) every micro-batch of 4 sequences is split into two halves. The second run has an
+    MTP module: its losses, its MoE block's loads and its weights agree too."""
     args = [*TINY, *MOE, f"--dataset={data}", "--max_iters=4", "--eval_interval=4",
-            f"--gradient_accumulation_steps={accumulation}", f"--batch_size={batch}"]
+            f"--gradient_accumulation_steps={accumulation}", f"--batch_size={batch}", f"--mtp_depth={mtp_depth}"]
     count = tmp_path / "synced"
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           PROBE, str(count), *args, f"--out_dir={tmp_path / 'ddp'}"], env=ENV, capture_output=True,
@@ -417,6 +419,8 @@ def test_torchrun_two_ranks_match_one_process(data, tmp_path, accumulation, batc
         key = "loss" if "loss" in r1 else "val_loss"
         assert r2[key] == pytest.approx(r1[key], abs=1e-5)
         assert r2.get("expert_counts") == r1.get("expert_counts")  # the all-reduced loads
+        mtp = "mtp_losses" if "loss" in r1 else "val_mtp_losses"
+        assert len(r1.get(mtp, [])) == mtp_depth and r2.get(mtp, []) == pytest.approx(r1.get(mtp, []), abs=1e-5)
     a = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "single" / "ckpt.pt", weights_only=True)["model"]
     assert a.keys() == b.keys()  # no DistributedDataParallel "module." prefix in the checkpoint

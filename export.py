@@ -90,7 +90,11 @@ def main(argv=None):
         output = settings["output"] or os.path.join(settings["out_dir"], f"model-{outtype}.gguf")
         write_gguf(model, tokenizer, eot_id(tokenizer), output, outtype)
         kind = f"llama.cpp {'deepseek2' if mla else 'llama'}, {outtype}, {os.path.getsize(output) / 2**20:.1f} MiB,"
-    print(f"wrote {kind} ({model.num_params():,} parameters) to {output}")
+    mtp = sum(p.numel() for p in model.mtp.parameters())
+    print(f"wrote {kind} ({model.num_params() - mtp:,} parameters) to {output}")
+    if mtp:
+        print(f"left out the {model.config.mtp_depth} multi-token-prediction module(s) ({mtp:,} parameters): "
+              f"{'transformers' if fmt == 'hf' else 'llama.cpp'} runs the main model only")
 
 
 if __name__ == "__main__":

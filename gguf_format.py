@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from configurator import UserError
-from hf_format import STACKED, half_to_interleaved, unfuse
+from hf_format import STACKED, half_to_interleaved, unfuse, without_mtp
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -194,7 +194,7 @@ def write_gguf(model, tok, eot, path, outtype):
     arch, keys = gguf_metadata(cfg)
     vocab = gguf_tokenizer(tok, eot, cfg.vocab_size)
     writer = gguf.GGUFWriter(path + ".tmp", arch)
-    writer.add_name(f"nano-deepseek {arch} ({model.num_params():,} parameters)")
+    writer.add_name(f"nano-deepseek {arch}")
     for key, value in keys.items():
         add = writer.add_bool if isinstance(value, bool) else writer.add_float32 if isinstance(value, float) \
             else writer.add_uint32
@@ -209,7 +209,7 @@ def write_gguf(model, tok, eot, path, outtype):
     for add in (writer.add_bos_token_id, writer.add_eos_token_id, writer.add_unk_token_id, writer.add_pad_token_id):
         add(eot)  # documents are separated, and so begin, with end-of-text
     writer.add_add_bos_token(False)  # training never put one in front: the prompt is fed as it is
-    for name, t in split_for_gguf(model.state_dict(), cfg).items():
+    for name, t in split_for_gguf(without_mtp(model.state_dict()), cfg).items():
         data, qtype = encode(gguf_name(name), t, outtype)
         writer.add_tensor(gguf_name(name), data, raw_dtype=qtype)  # Q8_0's shape is read off its bytes
     try:

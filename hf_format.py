@@ -177,7 +177,7 @@ def deepseek_v3_config(cfg):
         "topk_group": 1,
         "norm_topk_prob": True,     # combine weights normalised to sum 1 ...
         "routed_scaling_factor": cfg.route_scale,  # ... then scaled
-        "num_nextn_predict_layers": 0,  # no multi-token-prediction module
+        "num_nextn_predict_layers": 0,  # the MTP modules, if any, are left out (without_mtp)
         "attention_bias": False,
     }
 
@@ -221,12 +221,18 @@ def _reorder_rope_rows(w, rope_dim, order):
     return w
 
 
+def without_mtp(state):
+    """The main model's part of a state dict. Exports leave the multi-token-prediction modules out: transformers'
+    DeepseekV3 and llama.cpp run the main model only (sample.py --speculative=True is what uses the modules)."""
+    return {k: v for k, v in state.items() if not k.startswith("mtp.")}
+
+
 def hf_tensors(model):
     """Our state dict under transformers names, with the MLA rows reparametrised (see the module docstring)."""
     cfg = model.config
     latent_scale = math.sqrt(1e-6 / cfg.norm_eps)
     tensors = {}
-    for name, t in unfuse(model.state_dict(), cfg).items():
+    for name, t in unfuse(without_mtp(model.state_dict()), cfg).items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue  # transformers re-ties it from the embedding
         t = t.detach().to("cpu")

@@ -33,6 +33,10 @@ CONFIGS = {
                            qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, n_activated_experts=3,
                            n_shared_experts=1, moe_intermediate_size=32, first_k_dense=0,
                            norm_eps=1e-4, tie_embeddings=True, bias_update_rate=0.01),
+    # a multi-token-prediction module, which exports leave out: the main model's logits must stay the same
+    "mla_moe_mtp": dict(attention="mla", n_layer=2, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                        v_head_dim=16, n_routed_experts=4, n_activated_experts=2, moe_intermediate_size=32,
+                        first_k_dense=1, mtp_depth=1, bias_update_rate=0.01),
     # MLA with dense SwiGLU layers only: DeepSeek-V3 with every layer among the "first dense" ones
     "mla_dense": dict(attention="mla", n_layer=2, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
                       v_head_dim=16, n_routed_experts=0),
@@ -70,10 +74,12 @@ def save_checkpoint(model, tokenizer, out_dir):
 
 @pytest.mark.parametrize("trained", [False, True], ids=["random", "trained"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_round_trip(name, trained, tokenizer, tmp_path):
+def test_round_trip(name, trained, tokenizer, tmp_path, capsys):
     model = tiny_model(name, trained)
     save_checkpoint(model, tokenizer, tmp_path)
     export.main([f"--out_dir={tmp_path}"])  # the script's path: checkpoint -> out_dir/hf
+    said = capsys.readouterr().out
+    assert ("left out the 1 multi-token-prediction module(s)" in said) == (model.config.mtp_depth == 1)
     hf_dir = tmp_path / "hf"
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "tokenizer_config.json"} <= set(os.listdir(hf_dir))

@@ -2,7 +2,7 @@
 
 import torch
 
-from hf_format import fuse, hf_name, our_name, unfuse
+from hf_format import fuse, hf_name, our_name, unfuse, without_mtp
 from model import ModelConfig, Transformer
 from test_export import CONFIGS, TINY
 
@@ -10,9 +10,15 @@ from test_export import CONFIGS, TINY
 def test_name_mapping_round_trips():
     for name in CONFIGS:
         cfg = ModelConfig(**TINY, **CONFIGS[name])
-        state = Transformer(cfg).state_dict()
+        state = without_mtp(Transformer(cfg).state_dict())  # exports leave the MTP modules out
         theirs = {hf_name(k): v for k, v in unfuse(state, cfg).items()}
         assert not any("wqkv" in k or "gate_up" in k for k in theirs)  # transformers keeps them apart
         back = fuse({our_name(k): v for k, v in theirs.items()})
         assert back.keys() == state.keys()
         assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_without_mtp_keeps_exactly_the_main_model():
+    cfg = ModelConfig(**TINY, **CONFIGS["mla_moe_mtp"])
+    main = Transformer(ModelConfig(**TINY, **{**CONFIGS["mla_moe_mtp"], "mtp_depth": 0})).state_dict()
+    assert cfg.mtp_depth == 1 and without_mtp(Transformer(cfg).state_dict()).keys() == main.keys()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from configurator import UserError
-from hf_format import STACKED, half_to_interleaved, unfuse, without_mtp
+from hf_format import STACKED, half_to_interleaved, mla_rope_interleaved, unfuse, without_mtp
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -131,10 +131,8 @@ def split_for_gguf(state, cfg):
         if cfg.attention == "gqa" and name.endswith(("attn.wq.weight", "attn.wk.weight")):  # [heads * D, in]
             D = cfg.gqa_head_dim
             out[name] = half_to_interleaved(t.view(-1, D, t.size(-1)), D).view(t.shape)  # every row rotates
-        elif name.endswith(("attn.wq.weight", "attn.wq_b.weight")):       # MLA: [H * (nope + rope), in]
-            out[name] = half_to_interleaved(t.view(cfg.n_head, -1, t.size(-1)), cfg.qk_rope_head_dim).view(t.shape)
-        elif name.endswith("attn.wkv_a.weight"):                           # [kv_lora + rope, in]
-            out[name] = half_to_interleaved(t, cfg.qk_rope_head_dim)
+        elif cfg.attention == "mla" and name.endswith(("attn.wq.weight", "attn.wq_b.weight", "attn.wkv_a.weight")):
+            out[name] = mla_rope_interleaved(name, t, cfg)
         elif name.endswith("attn.wkv_b.weight"):                           # [H * (nope + v), C]
             k_b, v_b = out.pop(name).view(cfg.n_head, -1, cfg.kv_lora_rank).split(
                 [cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)

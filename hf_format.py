@@ -210,6 +210,16 @@ def half_to_interleaved(w, rope_dim):
     return _reorder_rope_rows(w, rope_dim, torch.stack([torch.arange(h), torch.arange(h) + h], dim=1).flatten())
 
 
+def mla_rope_interleaved(name, t, cfg):
+    """An MLA parameter with its RoPE rows in DeepSeek's interleaved layout (transformers' and llama.cpp's alike):
+    the query's last qk_rope_head_dim rows per head, and k_pe's rows at the end of W_kva; others as they are."""
+    if name.endswith(("attn.wq.weight", "attn.wq_b.weight")):             # [H * (nope + rope), in]
+        return half_to_interleaved(t.view(cfg.n_head, -1, t.size(-1)), cfg.qk_rope_head_dim).view(t.shape)
+    if name.endswith("attn.wkv_a.weight"):                                # [kv_lora_rank + rope, in]
+        return half_to_interleaved(t, cfg.qk_rope_head_dim)
+    return t
+
+
 def interleaved_to_half(w, rope_dim):
     """The inverse of half_to_interleaved."""
     return _reorder_rope_rows(w, rope_dim, torch.cat([torch.arange(0, rope_dim, 2), torch.arange(1, rope_dim, 2)]))
@@ -237,10 +247,8 @@ def hf_tensors(model):
             continue  # transformers re-ties it from the embedding
         t = t.detach().to("cpu")
         if cfg.attention == "mla":
-            if name.endswith(("attn.wq.weight", "attn.wq_b.weight")):  # [H * (nope + rope), in]
-                t = half_to_interleaved(t.view(cfg.n_head, -1, t.size(-1)), cfg.qk_rope_head_dim).view(t.shape)
-            elif name.endswith("attn.wkv_a.weight"):                     # [kv_lora_rank + rope, in]
-                t = half_to_interleaved(t, cfg.qk_rope_head_dim)
+            t = mla_rope_interleaved(name, t, cfg)
+            if name.endswith("attn.wkv_a.weight"):                       # [kv_lora_rank + rope, in]
                 t[:cfg.kv_lora_rank] *= latent_scale
             elif name.endswith("attn.wq_a.weight"):                      # [q_lora_rank, in]
                 t = t * latent_scale

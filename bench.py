@@ -289,7 +289,7 @@ def main(argv=None):
     dtype = pick_dtype(settings["dtype"], device)
     ctx = autocast(device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    peak, peak_note = peak_flops(device)
+    peak, peak_note = peak_flops(device, dtype)
     results = dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                            f"torch {torch.__version__}, {device.type}"
                            + (f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")

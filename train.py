@@ -20,6 +20,7 @@ since the last checkpoint bit for bit on CPU.
 """
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import UserError, configure, run_main
-from device import DTYPES, autocast, peak_flops, pick_device, pick_dtype
+from device import DTYPES, auto_cpu_dtype, autocast, cpu_matmul_peak, peak_flops, pick_device, pick_dtype
 from model import ModelConfig, Transformer, experts_path, max_violation
 
 DEFAULTS = {
@@ -69,7 +70,7 @@ DEFAULTS = {
     "grad_clip": 1.0,                 # clip the global gradient norm to this; 0 = no clipping
     # system
     "device": "auto",                 # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1", "mps"
-    "dtype": "auto",                  # "auto" (bfloat16 where supported, float16 on older GPUs, float32 on CPU)
+    "dtype": "auto",                  # "auto" (GPUs: bfloat16, float16 on older ones; CPUs: the faster for this model), "float32", "bfloat16", "float16"
     "compile": None,                  # torch.compile; None = on CUDA only
     "seed": 1337,
     # the model: every ModelConfig field (model.py), e.g. --n_layer=4 --n_routed_experts=8
@@ -183,6 +184,42 @@ def job_device(settings, ranks):
         torch.backends.cudnn.allow_tf32 = True
     use_compile = device.type == "cuda" if settings["compile"] is None else settings["compile"]
     return device, pick_dtype(settings["dtype"], device), use_compile
+
+
+def auto_dtype(settings, ckpt, model, device, ranks):
+    """(dtype, why) for dtype=auto once the model exists. A resumed run keeps the precision its checkpoint was
+    trained in, so that a noisy timing cannot change it mid-run. A new run on a CPU takes what auto_cpu_dtype
+    measures for this model (rank 0 decides for all); on a GPU, pick_dtype's choice."""
+    if ckpt is not None and ckpt["settings"].get("dtype") in DTYPES:
+        return ckpt["settings"]["dtype"], "dtype=auto keeps the checkpoint's precision"
+    if device.type != "cpu":
+        return pick_dtype("auto", device), "dtype=auto on this GPU"
+    choice = [None]
+    if ranks.master:
+        block = settings["block_size"]
+        peaks = {d: cpu_matmul_peak(torch.get_num_threads(), d) for d in ("float32", "bfloat16")}
+        flops_per_step = model.flops_per_token(block) * ranks.micro_batch * block
+        choice = [auto_cpu_dtype(step_timer(model, ranks.micro_batch, block), peaks, flops_per_step)]
+    if ranks.ddp:
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+def step_timer(model, batch_size, block_size):
+    """time_step(dtype) -> seconds of one forward and backward (eager) of a copy of the model on random tokens of a
+    micro-batch's shape. The model, the RNGs (dropout draws) and the data order are untouched: exact resume holds."""
+    twin = copy.deepcopy(model)
+    x = torch.randint(model.config.vocab_size, (batch_size, block_size), generator=torch.Generator().manual_seed(0))
+
+    def time_step(dtype):
+        with torch.random.fork_rng(devices=[]):
+            t0 = time.perf_counter()
+            with autocast(torch.device("cpu"), dtype):
+                _, loss = twin(x, x)
+            loss.backward()
+            twin.zero_grad(set_to_none=True)
+            return time.perf_counter() - t0
+    return time_step
 
 
 def check_same_model(settings, model_config, what, ignore=()):
@@ -651,6 +688,10 @@ def train(settings, device, dtype, use_compile, ranks):
     raw_model, pretrained_tokenizer = build_model(settings, ckpt, data_dir, meta["vocab_size"])
     tokenizer = tokenizer or pretrained_tokenizer
     raw_model.to(device)
+    dtype_note = ""
+    if settings["dtype"] == "auto":
+        dtype, dtype_note = auto_dtype(settings, ckpt, raw_model, device, ranks)
+    settings = {**settings, "dtype": dtype}  # the checkpoint records the precision the run trains in
     is_moe = bool(raw_model.moe_layers())
     optimizer = torch.optim.AdamW(param_groups(raw_model, settings["weight_decay"]), lr=settings["learning_rate"],
                                   betas=(settings["beta1"], settings["beta2"]),
@@ -669,14 +710,15 @@ def train(settings, device, dtype, use_compile, ranks):
 
     # ---- what is about to happen ----
     tokens_per_step = settings["batch_size"] * settings["gradient_accumulation_steps"] * block_size
-    peak, peak_note = peak_flops(device) if ranks.master else (None, "")
+    peak, peak_note = peak_flops(device, dtype) if ranks.master else (None, "")
     mtp_params = sum(p.numel() for p in raw_model.mtp.parameters())
     say(f"model: {raw_model.num_params():,} parameters, {raw_model.num_params(active=True):,} active per token "
         f"({raw_model.config.attention}, {'MoE' if is_moe else 'dense'}, {raw_model.config.n_layer} layers"
         + (f"; {len(raw_model.mtp)} MTP module(s), {mtp_params:,} of the parameters" if mtp_params else "") + ")")
     say(f"tokens per step: {tokens_per_step:,} = {ranks.world} rank(s) x {ranks.micro_steps} micro-steps x "
         f"{ranks.micro_batch} sequences x {block_size} tokens; {max_iters:,} steps = {tokens_per_step * max_iters:,} tokens")
-    say(f"precision: {dtype} on {device}{', torch.compile' if use_compile else ''}; MFU against {peak_note}")
+    say(f"precision: {dtype} on {device}{', torch.compile' if use_compile else ''}"
+        + (f" ({dtype_note})" if dtype_note else "") + f"; MFU against {peak_note}")
     if is_moe:
         say(f"MoE experts: {experts_path(device, DTYPES[dtype], use_compile)}")
     say(f"data: {data_dir} ({sum(len(s) for s in train_split[0]):,} train tokens, vocab {meta['vocab_size']:,}); "

@@ -65,7 +65,7 @@ def test_the_reference_counts_are_accounted_for():
 NARROW = ["--vocab_size=64", "--block_size=16", "--n_layer=2", "--n_embd=32", "--n_head=4", "--q_lora_rank=16",
           "--kv_lora_rank=16", "--qk_nope_head_dim=8", "--qk_rope_head_dim=8", "--v_head_dim=8", "--n_kv_head=2",
           "--moe_intermediate_size=32", "--intermediate_size=64", "--batch_size=4", "--gradient_accumulation_steps=1",
-          "--device=cpu", "--compile=False", "--max_iters=30", "--eval_interval=15", "--eval_iters=2",
+          "--device=cpu", "--dtype=float32", "--compile=False", "--max_iters=30", "--eval_interval=15", "--eval_iters=2",
           "--warmup_iters=2", "--learning_rate=3e-3", "--lr_decay_iters=30", "--log_interval=5"]
 
 

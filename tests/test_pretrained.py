@@ -120,7 +120,7 @@ def test_fine_tuning_smollm2_lowers_held_out_loss(loaded_once, held_out, tmp_pat
     ours, tokenizer = loaded_once
     out = tmp_path / "ft"
     train.main(["config/smollm2_135m.py", "--init_from=smollm2-135m", f"--dataset={held_out}", f"--out_dir={out}",
-                "--device=cpu", "--compile=False", "--block_size=32", "--dropout=0.1", "--batch_size=2",
+                "--device=cpu", "--dtype=float32", "--compile=False", "--block_size=32", "--dropout=0.1", "--batch_size=2",
                 "--gradient_accumulation_steps=1", "--max_iters=3", "--eval_interval=3", "--eval_iters=4",
                 "--learning_rate=3e-4", "--min_lr=3e-4", "--warmup_iters=0", "--sample_tokens=0"])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -28,7 +29,7 @@ TRAIN = os.path.join(ROOT, "train.py")
 # test processes share the two cores; subprocesses and in-process runs then also compute identically
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 VOCAB = 64
-TINY = ["--device=cpu", "--compile=False", f"--vocab_size={VOCAB}", "--n_layer=2", "--n_embd=32", "--n_head=2",
+TINY = ["--device=cpu", "--dtype=float32", "--compile=False", f"--vocab_size={VOCAB}", "--n_layer=2", "--n_embd=32", "--n_head=2",
         "--n_kv_head=1", "--intermediate_size=64", "--block_size=16", "--batch_size=4", "--eval_iters=2",
         "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--log_interval=1", "--sample_tokens=4"]
 MOE = ["--attention=mla", "--kv_lora_rank=16", "--qk_nope_head_dim=8", "--qk_rope_head_dim=8", "--v_head_dim=8",
@@ -96,6 +97,34 @@ def run_inprocess(data, out_dir, *args):
 def start(data, out_dir, *args):
     return subprocess.Popen([sys.executable, TRAIN, *TINY, f"--dataset={data}", f"--out_dir={out_dir}", *args],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def signal_when(proc, ready, signum):
+    """Send signum once the running process shows the state ready() looks for. It is frozen (SIGSTOP) the moment
+    that state is seen and gets the signal as it thaws, so however fast the machine, it has not moved on."""
+    while not ready() and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGSTOP)
+    assert proc.poll() is None and ready(), "the run ended before reaching the state the test waits for"
+    proc.send_signal(signum)
+    proc.send_signal(signal.SIGCONT)
+
+
+class Stderr:
+    """A process's stderr, read as it comes (by a thread), e.g. to see where its progress bars are."""
+
+    def __init__(self, proc):
+        self.text = ""
+        self.reader = threading.Thread(target=self.read, args=(proc.stderr,), daemon=True)
+        self.reader.start()
+
+    def read(self, stream):
+        for chunk in iter(lambda: stream.read(1), ""):
+            self.text += chunk
+
+    def finish(self):
+        self.reader.join()
+        return self.text
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +248,7 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_exact(data, tmp_path):
     assert killed_at < 40
 
     proc = start(data, out, *args, "--init_from=resume")     # resumed, then stopped by SIGTERM mid-way
-    while not any(i > killed_at for i in logged_iters(out)) and proc.poll() is None:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)
+    signal_when(proc, lambda: any(i > killed_at for i in logged_iters(out)), signal.SIGTERM)
     _, err = proc.communicate()
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
     stopped_at = torch.load(ckpt_path, weights_only=True)["iter_num"]
@@ -252,13 +279,12 @@ def test_sigterm_in_a_long_evaluation_stops_within_seconds_and_resumes_exactly(d
     whole = run_inprocess(data, tmp_path / "whole", *args)
     out = tmp_path / "cut"
     proc = start(data, out, *args)
-    while 3 not in logged_iters(out) and proc.poll() is None:  # step 3 is done: its evaluation starts
-        time.sleep(0.005)
-    time.sleep(0.3)
+    err = Stderr(proc)
+    # the evaluation at 3 has begun when its bar shows (the one at 0 showed it first)
+    signal_when(proc, lambda: 3 in logged_iters(out) and err.text.count(" 0/300 ") >= 2, signal.SIGTERM)
     t0 = time.perf_counter()
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate()
-    assert time.perf_counter() - t0 < 3 and proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    proc.wait()
+    assert time.perf_counter() - t0 < 3 and proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err.finish()
     cut = load_checkpoint(str(out / "ckpt.pt"))
     assert cut["iter_num"] == 3 and cut["evaluated"] == 0  # the evaluation at 3 did not finish
     assert not [r for r in metrics(out) if r["iter"] == 3 and "val_loss" in r]
@@ -487,6 +513,49 @@ def test_best_only_checkpoints_and_a_non_finite_validation_loss(trained, data, t
     assert (out / "ckpt.pt").read_bytes() == before
     with open(out / "samples.jsonl") as f:  # sampled at 41; at 42 the NaN stopped the run before sampling
         assert {json.loads(line)["iter"] for line in f} == {0, 20, 40, 41}
+
+
+def test_dtype_auto_on_a_cpu_says_its_choice_and_a_resumed_run_keeps_it(data, tmp_path, monkeypatch, capsys):
+    """dtype=auto takes auto_cpu_dtype's choice for this model (injected here), says it and measures MFU against
+    that precision's peak; the checkpoint records it, and a resumed run keeps it whatever a timing would say
+    then, ending bitwise where a run pinned to bfloat16 ends."""
+    args = [*MOE, "--max_iters=6", "--eval_interval=3", "--lr_decay_iters=6", "--dropout=0.1"]
+    pinned = run_inprocess(data, tmp_path / "pinned", *args, "--dtype=bfloat16")
+    capsys.readouterr()
+    monkeypatch.setattr(train, "auto_cpu_dtype", lambda time_step, peaks, flops: ("bfloat16", "injected 1.50x"))
+    out = run_inprocess(data, tmp_path / "auto", *args, "--dtype=auto", "--max_iters=3")
+    said = capsys.readouterr().out
+    assert "precision: bfloat16 on cpu (injected 1.50x); MFU against measured bfloat16 matmul peak" in said
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["settings"]["dtype"] == "bfloat16"
+
+    def timed_again(*a):
+        raise AssertionError("a resumed run must not time its precision again")
+    monkeypatch.setattr(train, "auto_cpu_dtype", timed_again)
+    run_inprocess(data, out, *args, "--dtype=auto", "--init_from=resume")
+    assert "precision: bfloat16 on cpu (dtype=auto keeps the checkpoint's precision)" in capsys.readouterr().out
+    a, b = load_checkpoint(os.path.join(pinned, "ckpt.pt")), load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert a["iter_num"] == b["iter_num"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_timing_the_precisions_leaves_the_run_as_it_was(data, tmp_path, monkeypatch):
+    """The timed steps run on a copy of the model with their own random tokens: with dropout on, a run that timed
+    both precisions ends bitwise where a run that did not ends, and the timed steps took real time."""
+    args = [*MOE, "--max_iters=4", "--eval_interval=4", "--lr_decay_iters=4", "--dropout=0.1"]
+    pinned = run_inprocess(data, tmp_path / "pinned", *args, "--dtype=float32")
+    timed = []
+
+    def time_both(time_step, peaks, flops):
+        timed.extend(time_step(d) for d in ("float32", "bfloat16", "float32"))
+        return "float32", "timed"
+    monkeypatch.setattr(train, "auto_cpu_dtype", time_both)
+    out = run_inprocess(data, tmp_path / "auto", *args, "--dtype=auto")
+    assert len(timed) == 3 and all(t > 0 for t in timed)
+    a, b = load_checkpoint(os.path.join(pinned, "ckpt.pt")), load_checkpoint(os.path.join(out, "ckpt.pt"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert metrics(pinned)[-1]["val_loss"] == metrics(out)[-1]["val_loss"]
 
 
 def test_log_records_average_their_interval_and_speed_follows_its_definitions(data, tmp_path, capsys):

@@ -22,6 +22,7 @@ import os
 
 from safetensors.torch import save_file
 
+from atomic import atomic_write
 from checkpoint import checkpoint_tokenizer, load_checkpoint, model_from_checkpoint
 from configurator import UserError, configure, run_main
 from gguf_format import write_gguf
@@ -37,10 +38,9 @@ DEFAULTS = dict(
 
 
 def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
-    os.replace(path + ".tmp", path)
 
 
 def export_hf(model, tokenizer, hf_dir):
@@ -50,16 +50,14 @@ def export_hf(model, tokenizer, hf_dir):
     config = hf_config(cfg, eot, next(model.parameters()).dtype)  # refuses before anything is written
     tensors = hf_tensors(model)
     os.makedirs(hf_dir, exist_ok=True)
-    path = os.path.join(hf_dir, "model.safetensors")
-    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
+    with atomic_write(os.path.join(hf_dir, "model.safetensors"), "wb") as f:
+        save_file(tensors, f.name, metadata={"format": "pt"})  # safetensors opens the temporary file by name
     write_json(os.path.join(hf_dir, "config.json"), config)
     write_json(os.path.join(hf_dir, "generation_config.json"),
                {"bos_token_id": eot, "eos_token_id": eot})
-    path = os.path.join(hf_dir, "tokenizer.json")
+    with atomic_write(os.path.join(hf_dir, "tokenizer.json"), "wb") as f:
+        f.write(tokenizer.to_str(pretty=True).encode())  # the bytes of tokenizer.save(path)
     eot_token = tokenizer.id_to_token(eot)
-    tokenizer.save(path + ".tmp")
-    os.replace(path + ".tmp", path)
     write_json(os.path.join(hf_dir, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": eot_token, "eos_token": eot_token, "unk_token": eot_token,

@@ -17,13 +17,14 @@ The facts below are llama.cpp's (its converter convert_hf_to_gguf.py and its loa
 """
 
 import json
-import os
 import re
+from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 
+from atomic import atomic_write
 from configurator import UserError
 from hf_format import STACKED, half_to_interleaved, mla_rope_interleaved, unfuse, without_mtp
 
@@ -191,7 +192,7 @@ def write_gguf(model, tok, eot, path, outtype):
     cfg = model.config
     arch, keys = gguf_metadata(cfg)
     vocab = gguf_tokenizer(tok, eot, cfg.vocab_size)
-    writer = gguf.GGUFWriter(path + ".tmp", arch)
+    writer = gguf.GGUFWriter(None, arch)  # the file is named when written: atomic_write's temporary one
     writer.add_name(f"nano-deepseek {arch}")
     for key, value in keys.items():
         add = writer.add_bool if isinstance(value, bool) else writer.add_float32 if isinstance(value, float) \
@@ -210,13 +211,10 @@ def write_gguf(model, tok, eot, path, outtype):
     for name, t in split_for_gguf(without_mtp(model.state_dict()), cfg).items():
         data, qtype = encode(gguf_name(name), t, outtype)
         writer.add_tensor(gguf_name(name), data, raw_dtype=qtype)  # Q8_0's shape is read off its bytes
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    except BaseException:  # a full disk or Ctrl-C: no half-written file left behind
-        writer.close()
-        os.remove(path + ".tmp")
-        raise
-    os.replace(path + ".tmp", path)
+    with atomic_write(path, "wb") as f:  # a full disk or Ctrl-C: no half-written file left behind
+        try:
+            writer.write_header_to_file(Path(f.name))  # the writer opens the temporary file by name
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()

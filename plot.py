@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from atomic import atomic_write
 from configurator import UserError, run_main
 
 
@@ -79,8 +80,8 @@ def main(argv=None):
     fig = plot(records, title=out_dir)
     path = os.path.join(out_dir, "metrics.png")
     try:
-        fig.savefig(path + ".tmp.png", dpi=100)
-        os.replace(path + ".tmp.png", path)
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
     except OSError as e:
         raise UserError(f"cannot write {path} ({e.strerror or type(e).__name__})")
     print(f"wrote {path}")

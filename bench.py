@@ -16,7 +16,7 @@ compared take turns, so that drift in the machine's speed favours neither. Secti
    where grouped GEMMs cannot run) vs a per-expert masked loop over all tokens, and against a dense SwiGLU with
    the same active FLOPs on the same tokens (the MoE's overhead; 1.0 would be none);
 4. speculative decoding at batch 1 (greedy): the MLA + MoE config with one multi-token-prediction module, trained
-   briefly on counting sequences, decoding with its MTP module drafting (Transformer.speculate) against plain
+   briefly on counting sequences, decoding with its MTP module drafting (generate.speculate) against plain
    decoding, checking that both give the same tokens, and the share of drafts accepted;
 5. prepare.py tokenization tokens/s with 1 worker and with all cores.
 Prints a markdown table and writes bench.json.
@@ -39,10 +39,11 @@ from dataclasses import replace
 import torch
 
 import model
-from configurator import UserError, configure, read_file, run_main
+from configurator import UserError, configure, from_settings, read_file, run_main
 from device import autocast, peak_flops, pick_device, pick_dtype
+from generate import KVCache, Sampling, generate, speculate
 from hf_format import hf_config, hf_tensors
-from model import MLP, KVCache, ModelConfig, MoE, Transformer, swiglu
+from model import MLP, ModelConfig, MoE, Transformer, swiglu
 
 DEFAULTS = dict(
     device="auto",                      # auto: cuda, then mps, then cpu
@@ -111,7 +112,7 @@ def train_step_bench(ours, hf, cfg, settings, device, ctx, sync, peak):
             opt.zero_grad(set_to_none=True)
         return run
 
-    ours_step = step(compiled, lambda m: m(x, y)[1])
+    ours_step = step(compiled, lambda m: m(x, y)[1].total)
     hf_step = step(hf, lambda m: m(input_ids=x, labels=x).loss)  # labels shifted inside: T-1 targets
     reps = 5 if settings["quick"] else 9
     rows = {}
@@ -127,7 +128,7 @@ def kv_bytes_per_token(ours, hf, cfg, device):
     caches = [KVCache(4) for _ in ours.layers]
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
     with torch.no_grad():
-        ours(prompt, caches=caches)
+        ours.trunk(prompt, caches)
         past = hf(input_ids=prompt, use_cache=True).past_key_values
     hf_bytes = sum(t[0, :, -1].numel() * t.element_size() for layer in past.layers for t in (layer.keys, layer.values))
     return sum(c.bytes_per_token() for c in caches), hf_bytes
@@ -142,7 +143,7 @@ def generation_bench(ours, hf, cfg, settings, device, ctx, sync):
         with torch.no_grad():  # the same weights give the same logits, checked in float32 (greedy tokens can tie)
             diff = (ours(prompt)[0] - hf(prompt).logits).abs().max().item()
         with ctx, torch.no_grad():
-            t_ours, t_hf = timed([lambda: ours.generate(prompt, n_new, temperature=0),
+            t_ours, t_hf = timed([lambda: generate(ours, prompt, n_new, Sampling(temperature=0)),
                                   lambda: hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new,
                                                       do_sample=False, eos_token_id=None, pad_token_id=0)],
                                  reps, sync=sync)
@@ -214,21 +215,21 @@ def speculative_bench(cfg, settings, device, ctx, sync):
     for _ in range(steps):
         batch = counting(8, 33, generator).to(device)
         with ctx:
-            _, loss = model(batch[:, :-1], batch[:, 1:])
-        loss.backward()
+            _, losses = model(batch[:, :-1], batch[:, 1:])
+        losses.total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.update_router_bias(model.pop_expert_counts())
-    trained = dict(train_steps=steps, loss=loss.item(), mtp_loss=model.mtp_losses[0].item())
+    trained = dict(train_steps=steps, loss=losses.total.item(), mtp_loss=losses.mtp[0].item())
     model.eval()
     n_new = 32 if settings["quick"] else settings["gen_tokens"]
     prompt = counting(1, 16, generator).to(device)
-    drafts = {}
+    drafts, greedy = {}, Sampling(temperature=0)
     with ctx, torch.no_grad():
-        plain = model.generate(prompt, n_new, temperature=0)
-        speculative = torch.cat([prompt, *model.speculate(prompt, n_new, temperature=0, stats=drafts)], dim=1)
-        t_plain, t_speculative = timed([lambda: model.generate(prompt, n_new, temperature=0),
-                                        lambda: list(model.speculate(prompt, n_new, temperature=0))], 5, sync=sync)
+        plain = generate(model, prompt, n_new, greedy)
+        speculative = torch.cat([prompt, *speculate(model, prompt, n_new, greedy, stats=drafts)], dim=1)
+        t_plain, t_speculative = timed([lambda: generate(model, prompt, n_new, greedy),
+                                        lambda: list(speculate(model, prompt, n_new, greedy))], 5, sync=sync)
     return dict(plain=n_new / t_plain, speculative=n_new / t_speculative, same_tokens=torch.equal(plain, speculative),
                 acceptance=drafts["accepted"] / max(drafts["drafted"], 1), **drafts, **trained)
 
@@ -297,7 +298,7 @@ def main(argv=None):
                    peak=peak_note, peak_flops=peak, train={}, generate={}, kv_bytes_per_token={},
                    moe_tokens=settings["moe_tokens"])
     for family, path in (("dense GQA", settings["dense_config"]), ("MLA + MoE", settings["moe_config"])):
-        cfg = ModelConfig.from_settings({**read_file(path), "block_size": settings["block_size"]}, where=path)
+        cfg = from_settings(ModelConfig, {**read_file(path), "block_size": settings["block_size"]}, where=path)
         print(f"{family}: {path}, {cfg.n_layer} layers, width {cfg.n_embd}", file=sys.stderr)
         ours, hf = twins(cfg, device)
         ours.eval(), hf.eval()  # generation first, while both still hold the same weights

@@ -14,11 +14,13 @@ rather than a silent new global.
 Expected mistakes raise `UserError`; scripts run their `main` under `run_main`, which prints one
 line to stderr and exits non-zero instead of a traceback.
 
-`read_file(path)` gives a config file's assignments unchecked, for readers that take only part of it:
-`model.ModelConfig.from_settings` takes the model's fields and checks them with `check_type`.
+`read_file(path)` gives a config file's assignments unchecked, for readers that take only part of it;
+`from_settings(ModelConfig, settings)` takes the fields of a dataclass out of such a dict (or a script's
+settings, or a checkpoint's model_config) and checks them: the one route from settings to a model.
 """
 
 import ast
+import dataclasses
 import difflib
 import os
 import sys
@@ -52,6 +54,22 @@ def check_type(key, value, default, where):
     if type(value) is not want:
         raise UserError(f"{where}: {key} must be {want.__name__}, got {value!r} ({type(value).__name__})")
     return value
+
+
+def from_settings(cls, settings, where="settings", strict=False):
+    """The dataclass cls (e.g. ModelConfig) from the keys of a settings dict that are its fields, each checked against
+    the type of its default; the rest are other settings and stay out, unless strict (a checkpoint's model_config
+    holds fields only: one this version does not know means another version wrote it). The dataclass's own checks
+    (__post_init__'s ValueError) are the user's mistake too."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - set(defaults))
+    if strict and unknown:
+        raise UserError(f"{where} has fields this version does not know: {', '.join(unknown[:5])}")
+    fields = {k: check_type(k, v, defaults[k], where) for k, v in settings.items() if k in defaults}
+    try:
+        return cls(**fields)
+    except ValueError as e:
+        raise UserError(f"{where}: bad {cls.__name__} settings: {e}") from None
 
 
 def _parse_value(key, text, default):

@@ -8,6 +8,7 @@ model's step both ways, `auto_cpu_dtype`), and the peak FLOP/s of that precision
 import contextlib
 import functools
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +23,28 @@ GPU_PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A
 
 # dtype=auto on a CPU takes bfloat16 autocast only where it makes this model's step at least this much faster
 BF16_GAIN = 1.1
+
+
+@dataclass
+class Job:
+    """Where this process works and how: its device, precision (a DTYPES name), whether it compiles the model, and
+    its place among the DDP ranks with its share of a step's batch_size x gradient_accumulation_steps sequences."""
+    device: torch.device
+    dtype: str
+    compile: bool = False
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    micro_steps: int = 1                # micro-batches this rank runs per optimizer step
+    micro_batch: int = 1                # sequences per micro-batch on this rank
+
+    @property
+    def ddp(self):
+        return self.world > 1
+
+    @property
+    def master(self):
+        return self.rank == 0
 
 
 def pick_device(name):

@@ -9,7 +9,9 @@ A DeepSeek-style decoder-only Transformer in one file.
   auxiliary-loss-free balancing of DeepSeek-V3 (a per-expert bias that steers selection only); the
   routed experts are stacked weights run with grouped GEMMs, without host syncs (torchtitan, nanochat).
 - Multi-token prediction (DeepSeek-V3): mtp_depth sequential modules predict the tokens after the next one; they
-  add a weighted loss in training, and draft tokens for speculative decoding.
+  add a weighted loss in training, and draft tokens for speculative decoding (generate.py).
+
+The architecture and its loss only: decoding, the KV cache and the samplers live in generate.py.
 
 References: nanoGPT's model.py (structure), DeepSeek-V3 inference/model.py and the DeepSeek-V2/V3
 papers (MLA, MoE, loss-free balancing), Llama / SmolLM2 (GQA, RoPE, SwiGLU).
@@ -18,12 +20,11 @@ papers (MLA, MoE, loss-free balancing), Llama / SmolLM2 (GQA, RoPE, SwiGLU).
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from configurator import UserError, check_type
 
 
 @dataclass
@@ -73,23 +74,6 @@ class ModelConfig:
         if not 0 <= self.mtp_depth < self.block_size:
             raise ValueError(f"mtp_depth must be in [0, block_size), got {self.mtp_depth}")
 
-    @classmethod
-    def from_settings(cls, settings, where="settings", strict=False):
-        """The model part of a settings dict: train.py's settings, a config file's assignments (read_file) or a
-        checkpoint's model_config. Keys that are fields are checked against the types of their defaults; the
-        rest are other settings (training, sampling) and stay out, unless strict (a checkpoint's model_config
-        holds fields only: one this model.py does not know means another version wrote it). The one route
-        from settings to a model."""
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        unknown = sorted(set(settings) - set(defaults))
-        if strict and unknown:
-            raise UserError(f"{where} has fields this model.py does not know: {', '.join(unknown[:5])}")
-        fields = {k: check_type(k, v, defaults[k], where) for k, v in settings.items() if k in defaults}
-        try:
-            return cls(**fields)
-        except ValueError as e:  # __post_init__'s checks
-            raise UserError(f"{where}: bad model settings: {e}")
-
     @property
     def gqa_head_dim(self):
         return self.head_dim or self.n_embd // self.n_head
@@ -129,28 +113,7 @@ def apply_rope(x, cos, sin):
     return (xf * cos + xf.roll(x.size(-1) // 2, dims=-1) * sin).type_as(x)
 
 
-class KVCache:
-    """Per-layer generation cache: tensors [B, heads, max_len, dim] filled at [start_pos, start_pos + T)."""
-
-    def __init__(self, max_len):
-        self.max_len = max_len
-        self.buffers = {}
-
-    def update(self, name, x, start_pos):
-        """Store x [B, heads, T, dim] at start_pos and return everything cached so far."""
-        if name not in self.buffers:  # allocated lazily, so it takes the activations' dtype (autocast)
-            B, H, _, D = x.shape
-            self.buffers[name] = x.new_zeros(B, H, self.max_len, D)
-        buf = self.buffers[name]
-        end = start_pos + x.size(2)
-        buf[:, :, start_pos:end] = x
-        return buf[:, :, :end]
-
-    def bytes_per_token(self):
-        return sum(b[0, :, 0].numel() * b.element_size() for b in self.buffers.values())
-
-
-def attend(q, k, v, start_pos, scale=None, dropout_p=0.0):
+def attend(q, k, v, start_pos, *, scale=None, dropout_p=0.0):
     """Causal attention of q, k [B, H or Hkv, T or S, d] over v [B, Hkv, S, dv <= d], S = start_pos + T.
 
     Query i sits at absolute position start_pos + i and sees keys 0..start_pos + i. K/V heads are
@@ -158,7 +121,7 @@ def attend(q, k, v, start_pos, scale=None, dropout_p=0.0):
     """
     T, S, dv = q.size(2), k.size(2), v.size(-1)
     if dv < q.size(-1):  # SDPA's fused kernels need one head size (else a slow fallback): zero-pad v
-        return attend(q, k, F.pad(v, (0, q.size(-1) - dv)), start_pos, scale, dropout_p)[..., :dv]
+        return attend(q, k, F.pad(v, (0, q.size(-1) - dv)), start_pos, scale=scale, dropout_p=dropout_p)[..., :dv]
     if start_pos == 0:  # training and prefill: the usual lower-triangular mask
         mask, is_causal = None, T > 1
     elif T == 1:  # one new token sees the whole cache
@@ -179,7 +142,8 @@ class GroupedQueryAttention(nn.Module):
         self.wo = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0):
+    def forward(self, x, cos, sin, *, cache=None, start_pos=0):
+        """cache: a generation cache (generate.KVCache) to write the new positions start_pos.. into and read all of."""
         B, T, _ = x.shape
         H, Hkv = self.n_head, self.n_kv_head
         qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)  # [B, H + 2 Hkv, T, D]
@@ -221,7 +185,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.softmax_scale = qk_head_dim ** -0.5
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0):
+    def forward(self, x, cos, sin, *, cache=None, start_pos=0):
         B, T, _ = x.shape
         H, C, R = self.n_head, self.kv_lora_rank, self.qk_rope_head_dim
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
@@ -233,8 +197,9 @@ class MultiHeadLatentAttention(nn.Module):
         k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin)                     # [B, 1, T, R]
         if cache is None:
             y = self._expanded(q_nope, q_pe, c_kv, k_pe)
-        else:
-            y = self._absorbed(q_nope, q_pe, c_kv, k_pe, cache, start_pos)
+        else:  # the latent cache acts as a single key/value head shared by all query heads (MQA over latents)
+            kv = cache.update("kv", torch.cat([c_kv.unsqueeze(1), k_pe], dim=-1), start_pos)  # [B, 1, S, C + R]
+            y = self._absorbed(q_nope, q_pe, kv, start_pos)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
 
     def _expanded(self, q_nope, q_pe, c_kv, k_pe):
@@ -243,17 +208,17 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(B, H, T, -1)], dim=-1)
-        return attend(q, k, v, 0, self.softmax_scale, self.dropout if self.training else 0.0)  # [B, H, T, v]
+        dropout_p = self.dropout if self.training else 0.0
+        return attend(q, k, v, 0, scale=self.softmax_scale, dropout_p=dropout_p)  # [B, H, T, v]
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, cache, start_pos):
+    def _absorbed(self, q_nope, q_pe, kv, start_pos):
+        """Attention over the cached latent rows kv [B, 1, S, C + R] = [c_kv ; k_pe] of positions 0 .. S - 1."""
         C = self.kv_lora_rank
         w = self.wkv_b.weight.view(self.n_head, -1, C)                     # [H, nope + v, C]
         w_uk, w_uv = w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
         q_lat = torch.matmul(q_nope, w_uk.to(q_nope.dtype))                  # [B, H, T, C]: W_UK folded into q
-        # the latent cache acts as a single key/value head shared by all query heads (MQA over latents)
-        kv = cache.update("kv", torch.cat([c_kv.unsqueeze(1), k_pe], dim=-1), start_pos)  # [B, 1, S, C + R]
         # the values are the c_kv columns; attending with whole rows keeps one head size, and drops k_pe after
-        o_lat = attend(torch.cat([q_lat, q_pe], dim=-1), kv, kv, start_pos, self.softmax_scale)[..., :C]
+        o_lat = attend(torch.cat([q_lat, q_pe], dim=-1), kv, kv, start_pos, scale=self.softmax_scale)[..., :C]
         return torch.matmul(o_lat, w_uv.to(o_lat.dtype).transpose(1, 2))  # [B, H, T, v]: W_UV folded into output
 
 
@@ -313,16 +278,6 @@ def grouped_mm_runs(device, dtype):
     if device.type == "cuda":
         return dtype == torch.bfloat16 and cuda_capability(device)[0] in (9, 10)
     return device.type == "cpu"
-
-
-def experts_path(device, dtype, compiled):
-    """How the routed experts run on this device, in words (train.py says it at startup)."""
-    if not grouped_mm_runs(device, dtype):
-        return ("a loop over the experts (grouped GEMMs need torch >= 2.10 and a CPU, or bfloat16 on a "
-                "CUDA GPU of compute capability 9.x or 10.x)")
-    if compiled and dtype != torch.bfloat16:
-        return f"grouped GEMMs, run outside the compiled graph in {str(dtype)[6:]} (inductor's take bfloat16 only)"
-    return "grouped GEMMs (F.grouped_mm)"
 
 
 @torch.compiler.assume_constant_result  # a fact about the machine: no graph break, no guard
@@ -439,8 +394,8 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.n_embd, cfg.intermediate_size)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()  # Identity: cheaper per call
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0):
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start_pos))
+    def forward(self, x, cos, sin, *, cache=None, start_pos=0):
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache=cache, start_pos=start_pos))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -464,16 +419,25 @@ class MTPModule(nn.Module):
         self.eh_proj = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)   # W_k
         self.block = Block(cfg, layer_id)
 
-    def forward(self, h, emb, cos, sin, cache=None, start_pos=0):
+    def forward(self, h, emb, cos, sin, *, cache=None, start_pos=0):
         """h^{k-1} [B, T, D] at positions start_pos.., emb [B, T, D] the embeddings of the tokens k later -> the
         block's output [B, T, D] (h^k before the final norm)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))  # [B, T, 2D] -> [B, T, D]
-        return self.block(x, cos, sin, cache, start_pos)
+        return self.block(x, cos, sin, cache=cache, start_pos=start_pos)
 
 
-def cross_entropy(logits, targets):
-    """Mean cross-entropy of logits [B, T, vocab] against targets [B, T], over the targets that are not -1."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+def cross_entropy(logits, targets, reduction="mean"):
+    """Cross-entropy of logits [B, T, vocab] against targets [B, T], in float32: their mean over the targets that
+    are not -1, or (reduction="none") one per position [B * T]."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
+
+
+class Losses(NamedTuple):
+    """The loss terms of a forward with targets, by name, so that a trainer logs each without arithmetic."""
+    total: torch.Tensor                 # what training differentiates: main + mtp_loss_weight * mean(mtp) + aux
+    main: torch.Tensor                  # the next token's cross-entropy (what the val loss measures too)
+    mtp: torch.Tensor                   # [mtp_depth] each MTP module's cross-entropy (empty without MTP)
+    aux: torch.Tensor                   # the MoE layers' sequence-wise auxiliary losses, summed (0 without)
 
 
 class Transformer(nn.Module):
@@ -496,7 +460,6 @@ class Transformer(nn.Module):
         # numbered after its layers (MoE in an MoE model, like DeepSeek-V3's layer 61)
         self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layer + k) for k in range(cfg.mtp_depth))
         self._init(self.mtp)
-        self.mtp_losses = None  # [D]: each MTP module's cross-entropy in the last forward with targets (for the log)
 
     def _init(self, module):
         # GPT-2 scheme: N(0, init_std) everywhere; projections that write into the residual stream
@@ -510,23 +473,25 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
-    def forward(self, idx, targets=None, caches=None, start_pos=0):
-        """idx [B, T] -> logits [B, T, vocab]. With targets [B, T]: loss = mean cross-entropy over targets != -1,
-        plus mtp_loss_weight x the mean of the MTP modules' cross-entropies (DeepSeek-V3 eq. 25, each one kept in
-        self.mtp_losses), plus any MoE aux loss."""
-        h, emb = self.trunk(idx, caches, start_pos)
+    def forward(self, idx, targets=None):
+        """idx [B, T] -> (logits [B, T, vocab], Losses or None). With targets [B, T] (-1: no target), the loss terms:
+        the mean cross-entropy, the MTP modules' (DeepSeek-V3 eq. 25: their mean weighted by mtp_loss_weight joins
+        the total), and the MoE auxiliary losses of this forward (training only)."""
+        h, emb = self.trunk(idx)
         logits = self.lm_head(h)
-        loss = None
-        if targets is not None:
-            loss = cross_entropy(logits, targets)
-            if self.mtp:
-                self.mtp_losses = torch.stack([cross_entropy(mtp_logits, targets[:, k:])
-                                               for k, mtp_logits in enumerate(self.mtp_logits(h, emb), 1)])
-                loss = loss + self.config.mtp_loss_weight * self.mtp_losses.mean()  # (lambda / D) sum_k L_k
-            for moe in self.moe_layers():
-                if moe.aux_loss is not None:
-                    loss = loss + moe.aux_loss
-        return logits, loss
+        if targets is None:
+            return logits, None
+        main = total = cross_entropy(logits, targets)
+        mtp = main.new_zeros(0)
+        if self.mtp:
+            mtp = torch.stack([cross_entropy(mtp_logits, targets[:, k:])
+                               for k, mtp_logits in enumerate(self.mtp_logits(h, emb), 1)])
+            total = total + self.config.mtp_loss_weight * mtp.mean()  # (lambda / D) sum_k L_k
+        aux = main.new_zeros(())
+        for moe in self.moe_layers():
+            if moe.aux_loss is not None:
+                total, aux = total + moe.aux_loss, aux + moe.aux_loss
+        return logits, Losses(total, main, mtp, aux)
 
     def trunk(self, idx, caches=None, start_pos=0):
         """idx [B, T] at positions start_pos.. -> h^0 [B, T, D], the last block's output through the final norm
@@ -538,7 +503,7 @@ class Transformer(nn.Module):
         emb = self.dropout(self.tok_embeddings(idx))
         x = emb
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, caches[i] if caches else None, start_pos)
+            x = layer(x, cos, sin, cache=caches[i] if caches else None, start_pos=start_pos)
         return self.norm(x), emb
 
     def rope(self, start_pos, T):
@@ -606,144 +571,3 @@ class Transformer(nn.Module):
         else:
             qk = v = cfg.gqa_head_dim
         return 6 * n + 6 * (cfg.n_layer + cfg.mtp_depth) * cfg.n_head * (qk + v) * seq_len
-
-    # ---- generation ----
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, kv_cache=True):
-        """idx [B, T] followed by exactly max_new_tokens new tokens (see `stream`)."""
-        new = self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, kv_cache)
-        return torch.cat([idx, *new], dim=1)
-
-    @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, kv_cache=True):
-        """Yield the next tokens [B, 1] after idx [B, T] one at a time, so a caller can print them or stop.
-
-        Decodes with a KV cache (for MLA the absorbed latent cache); kv_cache=False recomputes the whole
-        context for every token instead, to measure what the cache saves. Past block_size the context is
-        cropped to its last block_size tokens and recomputed without a cache, since positions shift.
-        """
-        block_size = self.config.block_size
-        caches = [KVCache(block_size) for _ in self.layers] if kv_cache else None
-        logits, _ = self(idx[:, -block_size:], caches=caches)
-        for step in range(max_new_tokens):
-            token = sample_logits(logits[:, -1], temperature, top_k, top_p, generator)  # [B, 1]
-            yield token
-            if step == max_new_tokens - 1:
-                return
-            idx = torch.cat([idx, token], dim=1)
-            pos = idx.size(1) - 1  # the new token's position; the cache holds everything before it
-            if caches and pos < block_size:
-                logits, _ = self(token, caches=caches, start_pos=pos)
-            else:
-                logits, _ = self(idx[:, -block_size:])
-
-    @torch.no_grad()
-    def speculate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stats=None):
-        """`stream` by speculative decoding (Leviathan et al. 2023), as DeepSeek-V3 proposes for its MTP modules, for
-        one sequence idx [1, T]: the MTP modules draft the next tokens, one forward of the main model over [the
-        newest token ; the drafts] checks them all, and `accept_drafts` keeps a prefix of them and draws one more
-        token. The tokens follow the main model's distribution: at temperature 0 they are `stream`'s greedy tokens
-        (up to float rounding, which a chunk of positions and a single one may do differently). stats, a dict, gets the
-        counts of "drafted" and "accepted" tokens added to it.
-
-        The KV caches (the main model's, and each MTP block's over its own positions) are written at
-        [start_pos, start_pos + T) and read up to there only: the entries of refused drafts are never read, and the
-        next forward overwrites them. Module k at position j reads token j + k, a draft for its last k - 1
-        positions, so every round it redoes those, from h^{k-1} kept for every position (`hidden`). Once the
-        cache is full, decoding goes on as `stream` does past block_size.
-        """
-        if idx.size(0) != 1:
-            raise ValueError("speculative decoding runs one sequence at a time (batch 1)")
-        if not self.mtp:
-            raise ValueError("speculative decoding drafts with the MTP modules, and this model has none (mtp_depth=0)")
-        if max_new_tokens < 1:
-            return
-        stats = {} if stats is None else stats
-        stats.setdefault("drafted", 0)
-        stats.setdefault("accepted", 0)
-        block_size, depth = self.config.block_size, len(self.mtp)
-        caches = [KVCache(block_size) for _ in self.layers]
-        mtp_caches = [KVCache(block_size) for _ in self.mtp]
-        h, _ = self.trunk(idx[:, -block_size:], caches)                       # [1, T, D]: the prompt
-        hidden = h.new_zeros(depth, block_size, h.size(-1))                    # [k - 1] = h^{k-1} at every position
-        token = sample_logits(self.lm_head(h[:, -1]), temperature, top_k, top_p, generator)  # [1, 1]
-        yield token
-        seq, start, pos, n_new = torch.cat([idx, token], dim=1), 0, h.size(1), 1
-        while n_new < max_new_tokens:  # seq[:, pos] is the newest token; the main model has seen up to pos - 1
-            if pos >= block_size:
-                yield from self.stream(seq, max_new_tokens - n_new, temperature, top_k, top_p, generator, kv_cache=False)
-                return
-            hidden[0, start:pos] = h[0, :pos - start]                          # h^0 of the positions just verified
-            n = min(depth, block_size - 1 - pos, max_new_tokens - n_new - 1)   # the drafts must fit, and be needed
-            drafts, q = self.draft(seq, hidden, start, n, mtp_caches, temperature, top_k, top_p, generator)
-            h, _ = self.trunk(torch.cat([seq[:, -1:], drafts], dim=1), caches, start_pos=pos)  # [1, 1 + n, D]
-            p = token_probs(self.lm_head(h[0]), temperature, top_k, top_p)     # [1 + n, vocab]
-            m, token = accept_drafts(p, q, drafts[0], generator)
-            stats["drafted"] += n
-            stats["accepted"] += m
-            new = torch.cat([drafts[0, :m], token])                           # [m + 1]
-            for t in new:
-                yield t.view(1, 1)
-            seq, start, pos, n_new = torch.cat([seq, new.view(1, -1)], dim=1), pos, pos + m + 1, n_new + m + 1
-
-    def draft(self, seq, hidden, start, n, caches, temperature, top_k, top_p, generator):
-        """n draft tokens [1, n] to follow seq [1, pos + 1], and the distributions q [n, vocab] they were drawn from.
-        Module k at position pos - 1 (the newest the main model has seen) reads h^{k-1} there and token pos - 1 + k
-        (the newest token for k = 1, then the drafts before), and predicts the token after. Its cache is
-        up to date before position start - k + 1, from where it runs again; hidden[k - 1] holds h^{k-1} to pos - 1."""
-        pos = seq.size(1) - 1
-        tokens, q = seq[0], hidden.new_zeros(n, self.config.vocab_size)
-        for k, module in enumerate(self.mtp[:n], 1):
-            s = max(start - k + 1, 0)
-            emb = self.tok_embeddings(tokens[s + k:pos + k])                  # the tokens k later, [pos - s, D]
-            h = self.norm(module(hidden[None, k - 1, s:pos], emb[None], *self.rope(s, pos - s), caches[k - 1], s))
-            if k < len(self.mtp):
-                hidden[k, s:pos] = h[0]                                          # h^k [pos - s, D]
-            q[k - 1] = token_probs(self.lm_head(h[:, -1]), temperature, top_k, top_p)[0]
-            tokens = torch.cat([tokens, torch.multinomial(q[k - 1], 1, generator=generator)])
-        return tokens[None, pos + 1:], q
-
-
-def accept_drafts(p, q, drafts, generator=None):
-    """Speculative sampling (Leviathan et al. 2023, Chen et al. 2023): the one accept/reject rule. drafts [n] were
-    drawn from q [n, vocab]; p [n + 1, vocab] is the main model's distribution at the same positions and one more.
-    Draft i is kept with probability min(1, p_i(d_i) / q_i(d_i)) while all before it were kept; the first one
-    refused is replaced by a draw from norm(max(0, p_i - q_i)); when all are kept, one more token is drawn from
-    p_n. Whatever q is, every token is then distributed as p alone would draw it. Greedy decoding is the case of
-    one-hot p and q: a draft is kept when it is p's argmax, and else replaced by it.
-    Returns (how many drafts are kept, the next token [1])."""
-    n = drafts.size(0)
-    rows = torch.arange(n, device=drafts.device)
-    u = torch.rand(n, generator=generator, device=p.device)
-    kept = u < p[rows, drafts] / q[rows, drafts]                  # u in [0, 1): with probability min(1, p / q)
-    m = int(kept.cumprod(0).sum())                                # the leading run of kept drafts
-    weights = (p[m] - q[m]).clamp_min(0) if m < n else p[n]       # multinomial normalises the weights
-    return m, torch.multinomial(weights, 1, generator=generator)
-
-
-def token_probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """The distribution that sample_logits draws from, per row of logits [B, V] -> [B, V]: one-hot on the argmax at
-    temperature 0, else the temperature-scaled softmax restricted to the top_k tokens and to the smallest set of
-    tokens whose probability reaches top_p (nucleus)."""
-    if temperature == 0:
-        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    return logits.softmax(dim=-1)
-
-
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick one token per row of logits [B, V]: greedy at temperature 0, else a draw from token_probs."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    return torch.multinomial(token_probs(logits, temperature, top_k, top_p), num_samples=1, generator=generator)

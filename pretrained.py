@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from configurator import UserError, read_file
+from configurator import UserError, from_settings, read_file
 from gguf_format import gguf_name
 from hf_format import fuse, interleaved_to_half, our_name, unfuse
 from model import ModelConfig, Transformer
@@ -34,7 +34,7 @@ HUB_REPO = "HuggingFaceTB/SmolLM2-135M"
 
 def smollm2_config():
     """The model of config/smollm2_135m.py (its training settings are train.py's business)."""
-    return ModelConfig.from_settings(read_file(CONFIG_PATH), where=CONFIG_PATH)
+    return from_settings(ModelConfig, read_file(CONFIG_PATH), where=CONFIG_PATH)
 
 
 def check_architecture(cfg, found, source):

@@ -23,6 +23,7 @@ import pretrained
 from checkpoint import checkpoint_tokenizer, load_checkpoint, model_from_checkpoint
 from configurator import UserError, configure, run_main
 from device import autocast, pick_device, pick_dtype
+from generate import Sampling, speculate, stream
 from tokenizer import eot_id
 
 DEFAULTS = dict(
@@ -109,6 +110,7 @@ def main(argv=None):
 
     torch.manual_seed(settings["seed"])
     generator = torch.Generator(device=device).manual_seed(settings["seed"])
+    sampling = Sampling(settings["temperature"], settings["top_k"], settings["top_p"], generator)
     n_tokens, t0, drafts = 0, time.perf_counter(), {"drafted": 0, "accepted": 0}
     for _ in range(settings["num_samples"]):
         idx = torch.tensor([ids], dtype=torch.long, device=device)
@@ -117,10 +119,9 @@ def main(argv=None):
             shown = tokenizer.decode(out, skip_special_tokens=False)
             print(shown, end="", flush=True)
         with autocast(device, dtype):
-            sampling = (idx, settings["max_new_tokens"], settings["temperature"], settings["top_k"], settings["top_p"],
-                        generator)
-            tokens = model.speculate(*sampling, stats=drafts) if settings["speculative"] else \
-                model.stream(*sampling, settings["kv_cache"])
+            n_new = settings["max_new_tokens"]
+            tokens = speculate(model, idx, n_new, sampling, stats=drafts) if settings["speculative"] else \
+                stream(model, idx, n_new, sampling, kv_cache=settings["kv_cache"])
             for token in tokens:
                 token = token.item()
                 n_tokens += 1

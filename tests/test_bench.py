@@ -7,7 +7,7 @@ import math
 import pytest
 
 import bench
-from configurator import read_file
+from configurator import from_settings, read_file
 from model import ModelConfig, Transformer
 
 DENSE = """attention = "gqa"
@@ -63,7 +63,7 @@ def test_bench_runs_every_section_on_tiny_models(tmp_path, capsys, dtype):
     # MFU = training FLOPs per token (the model's own count, checked against FlopCounterMode in test_model.py)
     # x tokens/s / peak
     for family, path in (("dense GQA", "dense.py"), ("MLA + MoE", "moe.py")):
-        cfg = ModelConfig.from_settings({**read_file(str(tmp_path / path)), "block_size": 64})
+        cfg = from_settings(ModelConfig, {**read_file(str(tmp_path / path)), "block_size": 64})
         ours = results["train"][family]["ours"]
         assert ours["mfu"] == pytest.approx(Transformer(cfg).flops_per_token(64) * ours["tokens_per_s"] /
                                             results["peak_flops"], rel=1e-9)

@@ -34,16 +34,16 @@ def test_checkpoint_of_another_model_layout_is_refused_by_name():
     assert torch.equal(model_from_checkpoint(ckpt).norm.weight, state["norm.weight"])
 
 
-def test_a_checkpoint_from_before_settings_were_stored_apart_still_loads(tmp_path):
-    """Checkpoints once stored all the settings, the model's fields among them, under "config"."""
+def test_a_checkpoint_of_another_layout_gets_one_line(tmp_path):
+    """A checkpoint without the run's settings (as earlier versions wrote them, under "config") is refused with
+    what it lacks, before anything reads it further."""
     model = Transformer(CFG)
     path = str(tmp_path / "ckpt.pt")
     model_config = dataclasses.asdict(CFG)
     save_checkpoint({"model": model.state_dict(), "model_config": model_config,
                      "config": {**model_config, "dataset": "old", "max_iters": 7}}, path)
-    ckpt = load_checkpoint(path)
-    assert ckpt["settings"]["dataset"] == "old" and "config" not in ckpt
-    assert torch.equal(model_from_checkpoint(ckpt).lm_head.weight, model.lm_head.weight)
+    with pytest.raises(UserError, match=r"is not a train.py checkpoint \(no settings\)"):
+        load_checkpoint(path)
 
 
 def test_model_settings_this_version_does_not_know_are_refused():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from configurator import read_file
+from configurator import from_settings, read_file
 from model import ModelConfig, Transformer
 from test_train import VOCAB, write_dataset
 
@@ -20,7 +20,7 @@ REPORTED = {"customllm_1b": 1_075.06e6, "customllm_973m": 973.12e6, "deepseek_15
 
 
 def preset(path):
-    return ModelConfig.from_settings(read_file(path), where=path)
+    return from_settings(ModelConfig, read_file(path), where=path)
 
 
 def counted_by_hand(cfg):

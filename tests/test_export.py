@@ -13,6 +13,7 @@ import checkpoint
 import export
 import pretrained
 from configurator import UserError, run_main
+from generate import Sampling, generate
 from model import ModelConfig, Transformer
 from tokenizer import eot_id, load_tokenizer
 
@@ -55,8 +56,8 @@ def tiny_model(name, trained, configs=CONFIGS):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         for _ in range(3):
             x = torch.randint(0, 512, (4, 33))
-            _, loss = model(x[:, :-1], x[:, 1:])
-            loss.backward()
+            _, losses = model(x[:, :-1], x[:, 1:])
+            losses.total.backward()
             opt.step()
             opt.zero_grad()
             model.update_router_bias(model.pop_expert_counts())
@@ -97,7 +98,7 @@ def test_round_trip(name, trained, tokenizer, tmp_path, capsys):
     torch.testing.assert_close(their_logits, ours_logits, atol=1e-4, rtol=0)
 
     prompt = ids[:1, :6]
-    ours_greedy = model.generate(prompt, 20, temperature=0)
+    ours_greedy = generate(model, prompt, 20, Sampling(temperature=0))
     their_greedy = theirs.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert ours_greedy.tolist() == their_greedy.tolist()
 
@@ -133,7 +134,7 @@ def test_refuses_what_transformers_cannot_represent(change, message, tokenizer, 
 
 
 def test_bad_input(tokenizer, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit:  # as `python export.py` runs it, without the 2 s of imports
+    with pytest.raises(SystemExit) as exit:  # as `python export.py` runs it, without a new process
         run_main(lambda: export.main([f"--out_dir={tmp_path / 'nothing'}"]))
     assert exit.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: no checkpoint at {tmp_path / 'nothing' / 'ckpt.pt'}")

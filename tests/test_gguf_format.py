@@ -19,6 +19,7 @@ import export
 import gguf_format
 import pretrained
 from configurator import UserError, run_main
+from generate import Sampling, generate
 from hf_format import half_to_interleaved, interleaved_to_half
 from model import ModelConfig, Transformer
 from prepare import train_bpe
@@ -90,7 +91,7 @@ def llama_greedy(llm, prompt, n):
 
 
 def ours_greedy(model, prompt, n):
-    return model.generate(torch.tensor([prompt]), n, temperature=0)[0, len(prompt):].tolist()
+    return generate(model, torch.tensor([prompt]), n, Sampling(temperature=0))[0, len(prompt):].tolist()
 
 
 # ---- the layout ----
@@ -273,7 +274,7 @@ def test_refuses_a_tokenizer_llama_cpp_cannot_read(tmp_path):
 ])
 def test_bad_options(args, message, bpe, tmp_path, capsys):
     save_checkpoint(tiny_model("dense_gqa", False), bpe, tmp_path)
-    with pytest.raises(SystemExit) as exit:  # as `python export.py` runs it, without the 2 s of imports
+    with pytest.raises(SystemExit) as exit:  # as `python export.py` runs it, without a new process
         run_main(lambda: export.main([f"--out_dir={tmp_path}", *args]))
     assert exit.value.code == 2
     err = capsys.readouterr().err

@@ -75,8 +75,8 @@ def test_compiled_bf16_training_step_never_waits_for_the_device():
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = compiled(x, x)
-        loss.backward()
+            _, losses = compiled(x, x)
+        losses.total.backward()
         norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

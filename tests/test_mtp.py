@@ -1,10 +1,9 @@
 """Multi-token prediction (DeepSeek-V3 section 2.2) against independent computations: the MTP modules' loss written
-out position by position, their causality, mtp_depth=0 building the model it built before, speculative decoding
-against plain decoding (greedy token for token, sampling in distribution, drafts against a whole forward), and
-train.py with an MTP module (the main head's losses logged as the loss, exact resume, balancing, FLOPs)."""
+out position by position, their causality, mtp_depth=0 building the model it built before, and train.py with an
+MTP module (the main head's losses logged as the loss, exact resume, balancing, FLOPs). Speculative decoding with
+the MTP modules: test_generate.py."""
 
 import hashlib
-import itertools
 import math
 import os
 
@@ -19,7 +18,8 @@ import model as model_py
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import UserError
-from model import ModelConfig, Transformer, accept_drafts, rope_tables
+from data import open_dataset
+from model import rope_tables
 from test_model import VARIANTS, randomize_router_bias, tiny, touched_by_a_backward
 from test_train import MOE, metrics, run_inprocess, write_dataset
 
@@ -91,10 +91,10 @@ def test_mtp_loss_matches_a_naive_computation(arch):
     targets[:, :3] = -1                                            # ignored, as by the main loss
     targets[0, -1] = -1
     with torch.no_grad():
-        _, loss = model(idx, targets)
+        _, terms = model(idx, targets)
     expected, losses = naive_mtp_loss(model, idx, targets)
-    assert torch.allclose(model.mtp_losses, torch.stack(losses), atol=1e-5)
-    assert torch.allclose(loss, expected, atol=1e-5)
+    assert torch.allclose(terms.mtp, torch.stack(losses), atol=1e-5)
+    assert torch.allclose(terms.total, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -128,14 +128,14 @@ def test_the_mtp_block_balances_like_the_other_moe_layers():
     mtp_moe = model.mtp[0].block.ffn
     assert model.moe_layers()[-1] is mtp_moe and len(model.moe_layers()) == 2
     idx = torch.randint(0, 97, (2, 16))
-    logits, loss = model(idx, idx)
+    logits, losses = model(idx, idx)
     counts = model.pop_expert_counts()
     assert counts.shape == (2, 6) and counts.sum(1).tolist() == [2 * 16 * 2, 2 * 15 * 2]
     model.update_router_bias(counts)
     assert torch.equal(mtp_moe.router.bias, 1e-3 * torch.sign(counts[1].mean() - counts[1]))
     aux = model.moe_layers()[0].aux_loss + mtp_moe.aux_loss
-    expected = F.cross_entropy(logits.flatten(0, 1), idx.flatten()) + 0.3 * model.mtp_losses.mean() + aux
-    assert mtp_moe.aux_loss > 0 and torch.allclose(loss, expected)
+    expected = F.cross_entropy(logits.flatten(0, 1), idx.flatten()) + 0.3 * losses.mtp.mean() + aux
+    assert mtp_moe.aux_loss > 0 and torch.allclose(losses.total, expected) and torch.allclose(losses.aux, aux)
 
 
 def test_flops_per_token_counts_the_mtp_modules(monkeypatch):
@@ -156,143 +156,6 @@ def test_active_parameters_include_the_mtp_module():
     net = tiny(**ARCHS["mla_moe"], aux_loss_alpha=0.1, mtp_depth=1).train()
     assert touched_by_a_backward(net, 3) == net.num_params(active=True) < net.num_params()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.mtp.parameters())
-
-
-# ---- speculative decoding ----
-
-WALK = dict(vocab_size=32, block_size=32, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, intermediate_size=64,
-            attention="mla", q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-            n_routed_experts=4, n_activated_experts=2, n_shared_experts=1, moe_intermediate_size=16, first_k_dense=1)
-
-
-def walk(n, length, generator):
-    """Walks up the vocabulary by 1 or 2 at random: two next tokens about equally likely, so that a model's
-    greedy choice and its MTP modules' can differ, and drafts are both accepted and refused."""
-    start = torch.randint(0, 32, (n, 1), generator=generator)
-    return (start + torch.randint(1, 3, (n, length), generator=generator).cumsum(1)) % 32
-
-
-@pytest.fixture(scope="module")
-def trained():
-    """An MLA + MoE model with two MTP modules, trained on walks for 40 steps (about a second)."""
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(**WALK, mtp_depth=2))
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(40):
-        batch = walk(8, 33, generator)
-        _, loss = model(batch[:, :-1], batch[:, 1:])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        model.update_router_bias(model.pop_expert_counts())
-    assert model.mtp_losses.max() < 1.2  # ln 2 = 0.69 is what a walk leaves to chance
-    return model.eval()
-
-
-@pytest.mark.parametrize("name", ["random gqa", "random mla_moe", "trained mla_moe"])
-def test_speculative_greedy_is_plain_greedy_token_for_token(name, trained):
-    """Past block_size (32) too, where both go on without the cache. The random models' drafts are nearly all
-    refused; the trained model's are accepted and refused."""
-    if name == "trained mla_moe":
-        model, prompts = trained, walk(3, 6, torch.Generator().manual_seed(1))
-    else:
-        model = tiny(**ARCHS[name.split()[1]], block_size=32, mtp_depth=3)
-        randomize_router_bias(model)
-        prompts = torch.randint(0, 97, (2, 5))
-    stats = {}
-    for prompt in prompts:
-        plain = [t.item() for t in model.stream(prompt[None], 40, temperature=0)]
-        speculative = [t.item() for t in model.speculate(prompt[None], 40, temperature=0, stats=stats)]
-        assert speculative == plain
-    if name == "trained mla_moe":
-        assert 0.2 * stats["drafted"] < stats["accepted"] < 0.9 * stats["drafted"], stats
-
-
-def test_drafts_are_the_mtp_modules_over_the_whole_sequence(trained, monkeypatch):
-    """Every round's drafts come from the MTP modules' own caches, which hold positions computed from refused
-    drafts until they are redone. A whole forward of the sequence so far, without caches, gives the same
-    distributions q: module k's logits at the newest position the main model has seen, given the drafts before."""
-    rounds, draft = [], Transformer.draft
-
-    def recorded(self, seq, *args):
-        drafts, q = draft(self, seq, *args)
-        rounds.append((seq, drafts, q))
-        return drafts, q
-    monkeypatch.setattr(Transformer, "draft", recorded)
-    stats, generator = {}, torch.Generator().manual_seed(2)
-    for prompt in walk(2, 5, generator):
-        list(trained.speculate(prompt[None], 24, temperature=1.0, top_k=20, generator=generator, stats=stats))
-    assert 0 < stats["accepted"] < stats["drafted"]
-    assert sum(drafts.size(1) for _, drafts, _ in rounds) == stats["drafted"]
-    for seq, drafts, q in rounds:
-        for k in range(1, drafts.size(1) + 1):
-            with torch.no_grad():
-                logits = trained.mtp_logits(*trained.trunk(torch.cat([seq, drafts[:, :k - 1]], 1)))[k - 1][:, -1]
-            assert torch.allclose(q[k - 1], model_py.token_probs(logits, 1.0, 20), atol=1e-5)
-            assert q[k - 1, drafts[0, k - 1]] > 0
-
-
-def test_accept_drafts_keeps_the_main_model_s_distribution():
-    """Drafts from q, tokens from p: the first token is distributed as p_0, the one after an accepted draft as
-    p_1 (these p do not depend on the tokens before), and the first draft is kept with probability sum min(p, q).
-    One-hot p and q (greedy) keep a draft exactly when it is p's argmax, and else give that argmax."""
-    generator = torch.Generator().manual_seed(0)
-    p = (torch.randn(3, 6, generator=generator) * 1.5).softmax(-1)
-    q = (torch.randn(2, 6, generator=generator) * 1.5).softmax(-1)
-    n = 10_000
-    drafts = torch.stack([torch.multinomial(q[i], n, replacement=True, generator=generator) for i in range(2)], 1)
-    first, second, kept = torch.zeros(6), torch.zeros(6), 0
-    for d in drafts:
-        m, token = accept_drafts(p, q, d, generator)
-        tokens = [*d[:m].tolist(), token.item()]
-        first[tokens[0]] += 1
-        if m:
-            kept += 1
-            second[tokens[1]] += 1
-    for observed, expected, count in ((first, p[0], n), (second, p[1], kept)):
-        assert torch.all((observed / count - expected).abs() < 5 * (expected * (1 - expected) / count).sqrt() + 1e-9)
-    assert kept / n == pytest.approx(torch.minimum(p[0], q[0]).sum().item(), abs=0.015)
-    one_hot = lambda *ids: F.one_hot(torch.tensor(ids), 6).float()
-    m, token = accept_drafts(one_hot(2, 5, 1), one_hot(2, 3), torch.tensor([2, 3]))
-    assert (m, token.item()) == (1, 5)  # the second draft is not p's argmax: refused, and replaced by it
-    m, token = accept_drafts(one_hot(2, 5, 1), one_hot(2, 5), torch.tensor([2, 5]))
-    assert (m, token.item()) == (2, 1)  # both kept, and the token after them is p's argmax
-
-
-def test_speculative_sampling_draws_from_the_main_model():
-    """End to end, vocabulary 8, two MTP modules that draft from their own (different) distributions: four sampled
-    tokens (the first from the prompt, then two drafts and the one after them) against their exact distribution
-    under the main model alone, from full forwards over every continuation."""
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=8, block_size=16, n_layer=1, n_embd=16, n_head=2, n_kv_head=1,
-                                    intermediate_size=32, tie_embeddings=False, mtp_depth=2)).eval()
-    model.lm_head.weight.data *= 40                                # peaked distributions, far from uniform
-    prompt = torch.tensor([[1, 5, 2]])
-    exact = torch.ones(())                                         # P(t1 .. tk) = prod_j p(t_j | prompt, t1 .. t_j-1)
-    with torch.no_grad():
-        for k in range(4):
-            before = torch.tensor(list(itertools.product(range(8), repeat=k)), dtype=torch.long).view(8 ** k, k)
-            p = model(torch.cat([prompt.expand(8 ** k, 3), before], 1))[0][:, -1].softmax(-1)
-            exact = exact.unsqueeze(-1) * p.view(*[8] * (k + 1))
-    n, counts, stats = 500, torch.zeros(8, 8, 8, 8), {}
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(n):
-        counts[tuple(t.item() for t in model.speculate(prompt, 4, temperature=1.0, generator=generator, stats=stats))] += 1
-    assert 0.1 * stats["drafted"] < stats["accepted"] < 0.7 * stats["drafted"], stats  # q is not p
-    for k in range(4):                                             # each token's marginal
-        others = tuple(d for d in range(4) if d != k)
-        expected, observed = exact.sum(others), counts.sum(others) / n
-        assert torch.all((observed - expected).abs() < 5 * (expected * (1 - expected) / n).sqrt() + 2e-3), (k, observed, expected)
-    pairs = (counts.sum((2, 3)) / n, exact.sum((2, 3))), (counts.sum((0, 1)) / n, exact.sum((0, 1)))
-    assert all(0.5 * (observed - expected).abs().sum() < 0.1 for observed, expected in pairs)  # (t1, t2), (t3, t4)
-
-
-def test_speculate_refuses_what_it_cannot_do():
-    with pytest.raises(ValueError, match="has none"):
-        next(tiny().speculate(torch.zeros(1, 3, dtype=torch.long), 4))
-    with pytest.raises(ValueError, match="batch 1"):
-        next(tiny(mtp_depth=1).speculate(torch.zeros(2, 3, dtype=torch.long), 4))
 
 
 # ---- train.py ----
@@ -324,18 +187,17 @@ def test_training_with_an_mtp_module(data, tmp_path):
     assert all(len(r["mtp_losses"]) == 1 and len(r["max_vio_layers"]) == 2 for r in steps)
     assert [len(r["val_mtp_losses"]) for r in evals] == [1, 1, 1]
     # step 5's batch, drawn from the checkpoint at 4's data generator, through the checkpoint at 4's model
-    _, _, files, _ = train.open_dataset(data)
-    split = train.open_split(data, files["train"], 16, "train")
+    split = open_dataset(data, 16).train
     generator = torch.Generator()
     generator.set_state(at_4["data_rng"])
-    x, y = train.get_batch(split, torch.randint(int(split[1].sum()), (1, 4), generator=generator)[0], 16, torch.device("cpu"))
+    x, y = split.batch(torch.randint(split.windows, (1, 4), generator=generator)[0], torch.device("cpu"))
     net = model_from_checkpoint(at_4).train()
     with torch.no_grad():
-        logits, loss = net(x, y)
+        logits, losses = net(x, y)
     step_5 = next(r for r in steps if r["iter"] == 5)
     assert step_5["loss"] == pytest.approx(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item(), abs=1e-5)
-    assert step_5["mtp_losses"][0] == pytest.approx(net.mtp_losses[0].item(), abs=1e-5)
-    assert loss.item() == pytest.approx(step_5["loss"] + 0.3 * step_5["mtp_losses"][0], abs=1e-5)
+    assert step_5["mtp_losses"][0] == pytest.approx(losses.mtp[0].item(), abs=1e-5)
+    assert losses.total.item() == pytest.approx(step_5["loss"] + 0.3 * step_5["mtp_losses"][0], abs=1e-5)
     # the val losses at 8, from the final checkpoint on its validation windows
     net = model_from_checkpoint(a)
     val = torch.tensor(np.fromfile(os.path.join(data, "val_00000.bin"), dtype=np.uint16).astype(np.int64))

@@ -19,6 +19,7 @@ import pretrained
 import sample
 import train
 from configurator import UserError
+from generate import Sampling, generate
 from tokenizer import smollm2_gguf_path
 
 PROMPT = "Once upon a time, in a small village,"
@@ -47,8 +48,8 @@ def models(ours):
                          max_position_embeddings=8192)
     theirs = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with pytest.MonkeyPatch.context() as patch:
-        # transformers rebuilds gguf's (pure, deterministic) name table once per submodule, ~400 times:
-        # memoising it saves seconds and changes nothing else
+        # transformers rebuilds gguf's (pure, deterministic) name table once per submodule: memoising it
+        # saves that work and changes nothing else
         patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
         loaded = load_gguf_checkpoint(path, return_tensors=True, model_to_load=theirs)
     parsed = loaded["config"]
@@ -81,7 +82,7 @@ def test_logits_match_transformers_gguf_loader(models):
 def test_greedy_generation_matches_transformers(models):
     ours, theirs, tokenizer = models
     ids = torch.tensor([tokenizer.encode(PROMPT).ids])
-    a = ours.generate(ids, 30, temperature=0)
+    a = generate(ours, ids, 30, Sampling(temperature=0))
     b = theirs.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert tokenizer.decode(a[0].tolist()) == tokenizer.decode(b[0].tolist())
     assert a.tolist() == b.tolist()
@@ -146,4 +147,4 @@ def test_sample_py_decodes_smollm2(loaded_once, capsys):
     sample.main(["--init_from=smollm2-135m", "--temperature=0", "--max_new_tokens=12", f"--start={PROMPT}",
                  "--stop_at_eot=False"])
     ids = torch.tensor([tokenizer.encode(PROMPT).ids])
-    assert capsys.readouterr().out == tokenizer.decode(ours.generate(ids, 12, temperature=0)[0].tolist()) + "\n---------------\n"
+    assert capsys.readouterr().out == tokenizer.decode(generate(ours, ids, 12, Sampling(temperature=0))[0].tolist()) + "\n---------------\n"

@@ -1,5 +1,5 @@
-"""sample.py: its streaming decoding (Transformer.stream) against Transformer.generate, the sampling rules against naive references,
-the command line, and each bad input."""
+"""sample.py: the command line (streamed and batch output, precisions, the KV cache, speculative decoding), and each
+bad input. The decoding functions and samplers it calls are tested in test_generate.py."""
 
 import dataclasses
 import os
@@ -15,7 +15,7 @@ import tokenizer
 from checkpoint import load_checkpoint, save_checkpoint
 from configurator import UserError, run_main
 from tokenizer import load_tokenizer
-from model import ModelConfig, Transformer, sample_logits
+from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,104 +31,6 @@ MODELS = {
 def tiny(name, **change):
     torch.manual_seed(0)
     return Transformer(ModelConfig(**{**TINY, **MODELS[name], **change})).eval()
-
-
-def run_generate(model, prompt, n, seed=None, **kw):
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return [token.item() for token in model.stream(prompt, n, generator=generator, **kw)]
-
-
-def reference_sample(logits, temperature, top_k, top_p, generator):
-    """softmax(logits / T), kept to the top k, then to the nucleus of mass top_p of what is left (renormalised,
-    as transformers' warpers do), drawn from: written out here, apart from model.sample_logits."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    probs = (logits.float() / temperature).softmax(-1)[0]
-    order = probs.argsort(descending=True).tolist()
-    keep = order[:top_k] if top_k else order
-    if top_p is not None:
-        left = probs[keep].sum().item()
-        kept, mass = [], 0.0
-        for i in keep:
-            if mass >= top_p:
-                break
-            kept.append(i)
-            mass += probs[i].item() / left
-        keep = kept
-    masked = torch.zeros_like(probs)
-    masked[keep] = probs[keep]
-    return torch.multinomial(masked / masked.sum(), 1, generator=generator).view(1, 1)
-
-
-def full_forward_decode(model, prompt, n, generator=None, **sampling):
-    """The plainest decoding: a full forward over the last block_size tokens for every new token, no cache."""
-    idx = prompt
-    for _ in range(n):
-        with torch.no_grad():
-            logits, _ = model(idx[:, -model.config.block_size:])
-        idx = torch.cat([idx, reference_sample(logits[:, -1], generator=generator, **sampling)], dim=1)
-    return idx[0, prompt.size(1):].tolist()
-
-
-@pytest.mark.parametrize("kv_cache", [True, False], ids=["cache", "no_cache"])
-@pytest.mark.parametrize("name", list(MODELS))
-def test_decoding_matches_a_loop_of_full_forwards(name, kv_cache):
-    """Greedy and seeded sampling, past block_size (32) too, where the context slides."""
-    model = tiny(name)
-    prompt = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(0))
-    greedy = dict(temperature=0, top_k=None, top_p=None)
-    assert run_generate(model, prompt, 20, kv_cache=kv_cache, **greedy) == full_forward_decode(model, prompt, 20, **greedy)
-    sampled = dict(temperature=1.0, top_k=50, top_p=0.9)
-    assert run_generate(model, prompt, 20, seed=3, kv_cache=kv_cache, **sampled) == \
-        full_forward_decode(model, prompt, 20, torch.Generator().manual_seed(3), **sampled)
-
-
-@pytest.mark.parametrize("temperature, top_k", [(0.5, 3), (2.0, 3), (0.7, None)])
-def test_sampling_follows_softmax_of_logits_over_temperature_within_the_top_k(temperature, top_k):
-    logits = torch.tensor([2.0, 0.5, 1.2, -1.0, 0.9, 1.6, -0.3, 0.1])
-    expected = torch.zeros(8)
-    keep = logits.topk(top_k or 8).indices
-    expected[keep] = (logits[keep] / temperature).softmax(-1)
-    n = 40_000
-    draws = sample_logits(logits.repeat(n, 1), temperature, top_k, None, torch.Generator().manual_seed(0)).flatten()
-    observed = torch.bincount(draws, minlength=8) / n
-    # within 5 standard errors of a frequency (at most 0.0025 at this n); tokens outside the top k never drawn
-    assert torch.all((observed - expected).abs() < 5 * (expected * (1 - expected) / n).sqrt() + 1e-9), (observed, expected)
-
-
-def test_top_k_1_is_greedy_and_seeds_reproduce():
-    model = tiny("mla_moe")
-    prompt = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(0))
-    greedy = run_generate(model, prompt, 16, temperature=0)
-    assert run_generate(model, prompt, 16, seed=5, temperature=1.0, top_k=1) == greedy
-    a = run_generate(model, prompt, 16, seed=7, temperature=1.0)
-    assert a == run_generate(model, prompt, 16, seed=7, temperature=1.0)
-    assert a != run_generate(model, prompt, 16, seed=8, temperature=1.0)
-    assert a != greedy  # a random tiny model is close to uniform: sampling really samples
-
-
-def nucleus(probs, p):
-    """Naive reference: take tokens from the most likely down until their total reaches p."""
-    kept, total = set(), 0.0
-    for i in sorted(range(len(probs)), key=lambda i: -probs[i]):
-        if total >= p:
-            break
-        kept.add(i)
-        total += probs[i]
-    return kept
-
-
-@pytest.mark.parametrize("p", [0.3, 0.5, 0.75, 0.9, 0.99])
-def test_top_p_keeps_the_smallest_set_reaching_p(p):
-    logits = torch.tensor([2.0, 0.5, 1.2, -1.0, 0.9, 1.6, -0.3, 0.1])
-    probs = logits.softmax(-1).tolist()
-    want = nucleus(probs, p)
-    draws = sample_logits(logits.repeat(4000, 1), 1.0, None, p, torch.Generator().manual_seed(0)).flatten()
-    assert set(draws.tolist()) == want
-    # and the kept tokens keep their relative odds
-    total = sum(probs[i] for i in want)
-    for i in want:
-        assert abs((draws == i).float().mean().item() - probs[i] / total) < 0.04
 
 
 # ---- the command line ----
@@ -237,8 +139,8 @@ def test_device_dtype_and_no_cache_from_the_command_line(checkpoints, capsys, mo
     assert proc.returncode == 0, err
     assert out == cached and "8 tokens in" in err and "(without KV cache, cpu, float32)" in err
     # the same text by design: that the cache was really left out shows in what stream() was asked for
-    asked, stream = [], Transformer.stream
-    monkeypatch.setattr(Transformer, "stream", lambda self, *a, **k: asked.append(a[-1]) or stream(self, *a, **k))
+    asked, stream = [], sample.stream
+    monkeypatch.setattr(sample, "stream", lambda *a, **k: asked.append(k["kv_cache"]) or stream(*a, **k))
     sample.main(args + ["--kv_cache=False"])
     assert asked == [False] and capsys.readouterr().out == cached
 

@@ -22,6 +22,8 @@ import plot
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import UserError
+from data import Split, open_dataset
+from generate import Sampling, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -184,7 +186,7 @@ def test_bits_per_byte_and_samples_come_from_the_checkpointed_model(trained, dat
     generator = torch.Generator().manual_seed(ckpt["settings"]["seed"])
     for sample in samples[-len(prompts):]:
         ids = torch.tensor([tok.encode(sample["prompt"]).ids])
-        new = model.generate(ids, ckpt["settings"]["sample_tokens"], temperature=0.8, top_k=200, generator=generator)
+        new = generate(model, ids, ckpt["settings"]["sample_tokens"], Sampling(temperature=0.8, top_k=200, generator=generator))
         assert tok.decode(new[0, ids.size(1):].tolist()) == sample["text"]
 
 
@@ -209,17 +211,32 @@ def test_checkpoint_contract(trained, data):
 
 def test_batches_are_shifted_windows_of_the_shards(tmp_path):
     data = write_dataset(str(tmp_path / "two"), shard_lengths=(40, 27))
-    _, meta, files, _ = train.open_dataset(data)
-    split = train.open_split(data, files["train"], 8, "train")
-    assert split[1].tolist() == [32, 19]                       # windows of 9 tokens that fit per shard
-    shards = [np.fromfile(os.path.join(data, f), dtype=np.uint16) for f in files["train"]]
+    split = open_dataset(data, 8).train
+    assert split.starts.tolist() == [32, 19] and split.windows == 51  # windows of 9 tokens that fit per shard
+    shards = [np.fromfile(os.path.join(data, f), dtype=np.uint16) for f in ("train_00000.bin", "train_00001.bin")]
     expected = [s[o:o + 9] for s in shards for o in range(len(s) - 8)]   # every window, in id order
     ids = torch.arange(51)
-    x, y = train.get_batch(split, ids, 8, torch.device("cpu"))
+    x, y = split.batch(ids, torch.device("cpu"))
     assert x.dtype == torch.int64 and x.shape == y.shape == (51, 8)
     assert torch.equal(x, torch.tensor(np.stack([w[:-1] for w in expected]).astype(np.int64)))
     assert torch.equal(y[:, :-1], x[:, 1:])                    # targets[t] == inputs[t + 1]
     assert torch.equal(y[:, -1], torch.tensor([int(w[-1]) for w in expected]))
+
+
+def test_a_step_of_k_micro_batches_equals_one_step_on_a_k_times_larger_batch(data, tmp_path):
+    """The same 8 sequences a step (their windows are drawn in the same order) as 2 micro-batches of 4 or as one of
+    8: the same loss, the same gradient (its norm, logged before clipping, would double if the micro-steps' losses
+    were summed rather than averaged) and the same weights, in float32."""
+    args = ["--max_iters=3", "--eval_interval=3", "--lr_decay_iters=3", "--sample_tokens=0", "--grad_clip=0"]
+    one = run_inprocess(data, tmp_path / "one", *args, "--batch_size=8", "--gradient_accumulation_steps=1")
+    two = run_inprocess(data, tmp_path / "two", *args, "--batch_size=4", "--gradient_accumulation_steps=2")
+    steps = lambda out: [r for r in metrics(out) if "loss" in r]
+    assert len(steps(one)) == len(steps(two)) == 3
+    for a, b in zip(steps(one), steps(two)):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5) and b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    a, b = final_checkpoint(one)["model"], final_checkpoint(two)["model"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
 
 
 def test_lr_schedule():
@@ -304,19 +321,19 @@ def test_sigterm_inside_a_step_goes_back_to_the_step_s_start(data, tmp_path, mon
     args = [*MOE, "--gradient_accumulation_steps=2", "--dropout=0.1", "--max_iters=5", "--eval_interval=5",
             "--lr_decay_iters=5", "--sample_tokens=0"]
     whole = run_inprocess(data, tmp_path / "whole", *args)
-    calls, real_get_batch = [], train.get_batch
+    calls, real_batch = [], Split.batch
 
-    def get_batch(*a):
+    def batch(*a):
         calls.append(1)
         if len(calls) == 2 + 2 + 2 * 2 + 2:  # validation text counted, evaluation at 0, 2 micro-batches a step
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_get_batch(*a)
-    monkeypatch.setattr(train, "get_batch", get_batch)
+        return real_batch(*a)
+    monkeypatch.setattr(Split, "batch", batch)
     with pytest.raises(SystemExit) as stopped:
         run_inprocess(data, tmp_path / "cut", *args)
     assert stopped.value.code == 128 + signal.SIGTERM
     assert load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))["iter_num"] == 2
-    monkeypatch.setattr(train, "get_batch", real_get_batch)
+    monkeypatch.setattr(Split, "batch", real_batch)
     run_inprocess(data, tmp_path / "cut", *args, "--init_from=resume")
     a, b = load_checkpoint(os.path.join(whole, "ckpt.pt")), load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))
     assert a["iter_num"] == b["iter_num"] == 5
@@ -329,14 +346,14 @@ def test_an_interrupt_before_the_first_step_leaves_an_earlier_checkpoint_alone(t
     out = tmp_path / "reused"
     shutil.copytree(trained, out)
     before = (out / "ckpt.pt").read_bytes()
-    calls, real_get_batch = [], train.get_batch
+    calls, real_batch = [], Split.batch
 
-    def get_batch(*a):
+    def batch(*a):
         calls.append(1)
         if len(calls) == 2 + 1:  # the first batch of the first evaluation (after counting the validation text)
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_get_batch(*a)
-    monkeypatch.setattr(train, "get_batch", get_batch)
+        return real_batch(*a)
+    monkeypatch.setattr(Split, "batch", batch)
     with pytest.raises(SystemExit) as stopped:
         run_inprocess(data, out, "--max_iters=10")  # a new run from scratch in the same out_dir
     assert stopped.value.code == 128 + signal.SIGTERM

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import unittest.mock
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -59,6 +59,23 @@ DEFAULTS = dict(
     prepare=True,                       # also time prepare.py's tokenizer on the offline corpus
     out="bench.json",
 )
+
+
+@dataclass
+class Bench:
+    """What every section needs: the settings, where it runs and in what precision, and the peak for MFU."""
+    settings: dict
+    device: torch.device
+    dtype: str
+    peak: float | None = None
+
+    @property
+    def ctx(self):
+        return autocast(self.device, self.dtype)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
 
 def timed(fns, reps, warmup=1, sync=lambda: None):
@@ -94,7 +111,8 @@ def twins(cfg, device):
     return ours.to(device), hf.to(device)
 
 
-def train_step_bench(ours, hf, cfg, settings, device, ctx, sync, peak):
+def train_step_bench(ours, hf, cfg, bench):
+    settings, device, peak = bench.settings, bench.device, bench.peak
     B, T = settings["batch_size"], cfg.block_size
     x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     y = torch.randint(0, cfg.vocab_size, (B, T), device=device)
@@ -105,7 +123,7 @@ def train_step_bench(ours, hf, cfg, settings, device, ctx, sync, peak):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
 
         def run():
-            with ctx:
+            with bench.ctx:
                 loss = loss_of(model)
             loss.backward()
             opt.step()
@@ -116,7 +134,7 @@ def train_step_bench(ours, hf, cfg, settings, device, ctx, sync, peak):
     hf_step = step(hf, lambda m: m(input_ids=x, labels=x).loss)  # labels shifted inside: T-1 targets
     reps = 5 if settings["quick"] else 9
     rows = {}
-    seconds = timed([ours_step, hf_step], reps, warmup=2, sync=sync)
+    seconds = timed([ours_step, hf_step], reps, warmup=2, sync=bench.sync)
     for name, s in zip(("ours", "transformers"), seconds):
         tok_s = B * T / s
         rows[name] = dict(tokens_per_s=tok_s, mfu=ours.flops_per_token(T) * tok_s / peak if peak else None)
@@ -134,7 +152,8 @@ def kv_bytes_per_token(ours, hf, cfg, device):
     return sum(c.bytes_per_token() for c in caches), hf_bytes
 
 
-def generation_bench(ours, hf, cfg, settings, device, ctx, sync):
+def generation_bench(ours, hf, cfg, bench):
+    settings, device = bench.settings, bench.device
     n_new = 32 if settings["quick"] else settings["gen_tokens"]
     reps = 5
     rows = {}
@@ -142,11 +161,11 @@ def generation_bench(ours, hf, cfg, settings, device, ctx, sync):
         prompt = torch.randint(1, cfg.vocab_size, (B, 16), device=device)
         with torch.no_grad():  # the same weights give the same logits, checked in float32 (greedy tokens can tie)
             diff = (ours(prompt)[0] - hf(prompt).logits).abs().max().item()
-        with ctx, torch.no_grad():
+        with bench.ctx, torch.no_grad():
             t_ours, t_hf = timed([lambda: generate(ours, prompt, n_new, Sampling(temperature=0)),
                                   lambda: hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new,
                                                       do_sample=False, eos_token_id=None, pad_token_id=0)],
-                                 reps, sync=sync)
+                                 reps, sync=bench.sync)
         rows[f"batch {B}"] = dict(ours=B * n_new / t_ours, transformers=B * n_new / t_hf, max_logit_diff=diff)
     return rows
 
@@ -167,7 +186,8 @@ def sorted_loop(moe, x):
         return moe(x)
 
 
-def moe_layer_bench(cfg, settings, device, dtype, ctx, sync):
+def moe_layer_bench(cfg, bench):
+    settings, device, dtype, ctx = bench.settings, bench.device, bench.dtype, bench.ctx
     reps = 3 if settings["quick"] else 7
     N = settings["moe_tokens"]
     tol = 1e-4 if dtype == "float32" else 5e-2  # relative: float32, or half precision's 8 to 11 mantissa bits
@@ -190,7 +210,7 @@ def moe_layer_bench(cfg, settings, device, dtype, ctx, sync):
                 y.float().square().mean().backward()
             return run
         times = timed([fwd_bwd(lambda: moe(x)), fwd_bwd(lambda: sorted_loop(moe, x)),
-                       fwd_bwd(lambda: masked_moe(moe, x[0])), fwd_bwd(lambda: dense(x))], reps, sync=sync)
+                       fwd_bwd(lambda: masked_moe(moe, x[0])), fwd_bwd(lambda: dense(x))], reps, sync=bench.sync)
         rows[f"{E} experts, top-{k}"] = dict(zip(("grouped_ms", "sorted_loop_ms", "masked_loop_ms", "dense_ms"),
                                                  (t * 1e3 for t in times)), max_rel_diff=diff)
     return rows
@@ -204,9 +224,10 @@ def counting(batch, length, generator, period=64):
     return (torch.randint(0, period, (batch, 1), generator=generator) + steps.cumsum(1)) % period
 
 
-def speculative_bench(cfg, settings, device, ctx, sync):
+def speculative_bench(cfg, bench):
     """Greedy decoding at batch 1 of cfg with one MTP module trained on counting sequences: plain (generate) against
     speculative (speculate, the MTP module drafting one token that the main model checks with the next one)."""
+    settings, device, ctx = bench.settings, bench.device, bench.ctx
     torch.manual_seed(0)
     model = Transformer(replace(cfg, mtp_depth=1)).to(device)
     generator = torch.Generator().manual_seed(0)
@@ -229,7 +250,7 @@ def speculative_bench(cfg, settings, device, ctx, sync):
         plain = generate(model, prompt, n_new, greedy)
         speculative = torch.cat([prompt, *speculate(model, prompt, n_new, greedy, stats=drafts)], dim=1)
         t_plain, t_speculative = timed([lambda: generate(model, prompt, n_new, greedy),
-                                        lambda: list(speculate(model, prompt, n_new, greedy))], 5, sync=sync)
+                                        lambda: list(speculate(model, prompt, n_new, greedy))], 5, sync=bench.sync)
     return dict(plain=n_new / t_plain, speculative=n_new / t_speculative, same_tokens=torch.equal(plain, speculative),
                 acceptance=drafts["accepted"] / max(drafts["drafted"], 1), **drafts, **trained)
 
@@ -288,9 +309,8 @@ def main(argv=None):
         raise UserError("bench.py compares against transformers: pip install -r requirements-dev.txt")
     device = pick_device(settings["device"])
     dtype = pick_dtype(settings["dtype"], device)
-    ctx = autocast(device, dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     peak, peak_note = peak_flops(device, dtype)
+    bench = Bench(settings, device, dtype, peak)
     results = dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                            f"torch {torch.__version__}, {device.type}"
                            + (f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
@@ -303,12 +323,12 @@ def main(argv=None):
         ours, hf = twins(cfg, device)
         ours.eval(), hf.eval()  # generation first, while both still hold the same weights
         results["kv_bytes_per_token"][family] = kv_bytes_per_token(ours, hf, cfg, device)
-        results["generate"][family] = generation_bench(ours, hf, cfg, settings, device, ctx, sync)
+        results["generate"][family] = generation_bench(ours, hf, cfg, bench)
         ours.train(), hf.train()
-        results["train"][family] = train_step_bench(ours, hf, cfg, settings, device, ctx, sync, peak)
+        results["train"][family] = train_step_bench(ours, hf, cfg, bench)
         if family == "MLA + MoE":
-            results["moe_layer"] = moe_layer_bench(cfg, settings, device, dtype, ctx, sync)
-            results["speculative"] = speculative_bench(cfg, settings, device, ctx, sync)
+            results["moe_layer"] = moe_layer_bench(cfg, bench)
+            results["speculative"] = speculative_bench(cfg, bench)
     if settings["prepare"]:
         results["prepare"] = prepare_bench(settings["quick"])
     print(table(results))

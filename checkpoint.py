@@ -37,13 +37,12 @@ class TrainState:
     start_iter: int = 0                 # where this process began (0, or the checkpoint's iteration); not saved
 
 
-def save_state(path, state, settings, tokenizer, rng):
-    """A checkpoint of the run at its last step: state, the run's settings (the model's fields are saved once,
-    as model_config), the tokenizer's JSON (or None) and every rank's RNG states (rng_states)."""
-    model_config = dataclasses.asdict(state.model.config)
+def save_state(path, state, cfg, tokenizer, rng):
+    """A checkpoint of the run at its last step: state, the run's settings cfg (a TrainConfig; the model's fields
+    are saved once, as the model's model_config), the tokenizer's JSON (or None) and every rank's RNG states."""
     save_checkpoint({
-        "model": state.model.state_dict(), "model_config": model_config,
-        "settings": {k: v for k, v in settings.items() if k not in model_config},
+        "model": state.model.state_dict(), "model_config": dataclasses.asdict(state.model.config),
+        "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"},
         "tokenizer": tokenizer, "optimizer": state.optimizer.state_dict(), "scaler": state.scaler.state_dict(),
         "iter_num": state.iter_num, "tokens_seen": state.tokens_seen, "best_val_loss": state.best_val_loss,
         "evaluated": state.evaluated, "data_rng": state.data_gen.get_state(), "rng": rng,

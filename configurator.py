@@ -1,7 +1,9 @@
 """
 nanoGPT-style configuration, shared by every script.
 
-A script declares its settings as a dict of defaults, then calls `configure(defaults, argv)`:
+A script declares its settings as a dict of defaults, or as a dataclass whose fields are the settings (train.py's
+TrainConfig: a nested dataclass field, its ModelConfig, contributes its fields under their own names), then calls
+`configure(defaults, argv)`:
 
     python train.py config/deepseek_moe.py --batch_size=8 --compile=False --start "Once upon a time" --quick
 
@@ -116,7 +118,10 @@ def _apply_file(settings, path):
 
 
 def configure(defaults, argv=None):
-    """Return a copy of `defaults` updated by the config files and overrides in `argv`."""
+    """Return a copy of `defaults` (a dict, or a dataclass instance) updated by the config files and overrides in
+    `argv`; a dataclass's own checks (__post_init__) run on the result."""
+    if dataclasses.is_dataclass(defaults):
+        return rebuilt(defaults, configure(flat_fields(defaults), argv))
     argv = sys.argv[1:] if argv is None else list(argv)
     settings = dict(defaults)
     i = 0
@@ -138,3 +143,23 @@ def configure(defaults, argv=None):
             raise UserError(f"unknown option --{key}{suggestion(key, defaults)}")
         settings[key] = check_type(key, _parse_value(key, text, defaults[key]), defaults[key], f"--{key}")
     return settings
+
+
+def flat_fields(obj):
+    """{name: value} of a dataclass instance's fields, a nested dataclass contributing its own fields instead."""
+    flat = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        flat.update(flat_fields(value) if dataclasses.is_dataclass(value) else {f.name: value})
+    return flat
+
+
+def rebuilt(obj, flat):
+    """A copy of the dataclass instance obj with its fields (and its nested dataclasses') from flat; their own
+    checks' ValueError is the user's mistake."""
+    changes = {f.name: rebuilt(getattr(obj, f.name), flat) if dataclasses.is_dataclass(getattr(obj, f.name))
+               else flat[f.name] for f in dataclasses.fields(obj)}
+    try:
+        return dataclasses.replace(obj, **changes)
+    except ValueError as e:
+        raise UserError(f"bad {type(obj).__name__} settings: {e}") from None

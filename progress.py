@@ -5,6 +5,7 @@ out_dir/samples.jsonl, and Weights & Biases when asked. A resumed run keeps the 
 writes the steps after it again.
 """
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -51,12 +52,12 @@ class Rate:
 class Progress:
     """The bar, and the metrics and samples logs of one run."""
 
-    def __init__(self, settings, state, master, rate):
+    def __init__(self, cfg, state, master, rate):
         self.master, self.rate = master, rate
-        self.interval, self.max_iters = settings["log_interval"], settings["max_iters"]
-        wandb = start_wandb(settings, master)
-        self.metrics = JsonLog(os.path.join(settings["out_dir"], "metrics.jsonl"), state.start_iter, master, wandb)
-        self.samples = JsonLog(os.path.join(settings["out_dir"], "samples.jsonl"), state.start_iter, master)
+        self.interval, self.max_iters = cfg.log_interval, cfg.max_iters
+        wandb = start_wandb(cfg, master)
+        self.metrics = JsonLog(os.path.join(cfg.out_dir, "metrics.jsonl"), state.start_iter, master, wandb)
+        self.samples = JsonLog(os.path.join(cfg.out_dir, "samples.jsonl"), state.start_iter, master)
         self.bar = tqdm(total=self.max_iters, initial=state.iter_num, disable=not master, dynamic_ncols=True,
                         desc="train")
         self.window = []                # (StepResult, seconds) of the steps since the last record
@@ -150,13 +151,13 @@ def keep_records_until(path, iter_num):
         f.writelines(lines)
 
 
-def start_wandb(settings, master):
+def start_wandb(cfg, master):
     """The wandb module, its run started, when wandb_log asks for it (rank 0 only); else None."""
-    if not (settings["wandb_log"] and master):
+    if not (cfg.wandb_log and master):
         return None
     try:
         import wandb
     except ImportError:
         raise UserError("wandb_log=True needs the wandb package: pip install wandb")
-    wandb.init(project=settings["wandb_project"], name=settings["wandb_run_name"], config=settings)
+    wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg))
     return wandb

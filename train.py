@@ -35,106 +35,113 @@ from tqdm import tqdm
 
 from checkpoint import (TrainState, load_checkpoint, model_from_checkpoint, restore_rng, restore_state, rng_states,
                         save_state)
-from configurator import UserError, configure, from_settings, run_main
+from configurator import UserError, configure, run_main
 from data import Dataset, open_dataset, text_bytes
 from device import DTYPES, Job, auto_cpu_dtype, autocast, cpu_matmul_peak, peak_flops, pick_device, pick_dtype
 from generate import Sampling, generate
 from model import ModelConfig, Transformer, cross_entropy, grouped_mm_runs, max_violation
 from progress import EvalResult, Progress, Rate, StepResult
 
-DEFAULTS = {
+@dataclass
+class TrainConfig:
+    """Every setting of a run, with its default: config files and --key=value set them (configurator.py). The
+    model's fields are settings too, by their own names (--n_layer=4): `model` holds them, checked by ModelConfig."""
     # I/O
-    "out_dir": "out",                 # ckpt.pt and metrics.jsonl go here
-    "init_from": "scratch",           # "scratch", "resume" (out_dir/ckpt.pt) or "smollm2-135m" (pretrained.py)
-    "eval_interval": 250,             # evaluate (and checkpoint) every this many optimizer steps
-    "eval_iters": 50,                 # validation batches per evaluation (always the same ones)
-    "log_interval": 10,               # one metrics.jsonl line per this many steps
-    "always_save_checkpoint": True,   # checkpoint at every evaluation, not only when val loss improves
-    "sample_prompts": ["Once upon a time", "The meaning of life is", "Photosynthesis is"],  # continued at every evaluation
-    "sample_tokens": 32,              # tokens sampled per prompt (out_dir/samples.jsonl); 0 = no samples
-    "wandb_log": False,               # also log to Weights & Biases (imported only then)
-    "wandb_project": "deepseek-nanogpt",
-    "wandb_run_name": "run",
+    out_dir: str = "out"                # ckpt.pt and metrics.jsonl go here
+    init_from: str = "scratch"          # "scratch", "resume" (out_dir/ckpt.pt) or "smollm2-135m" (pretrained.py)
+    eval_interval: int = 250            # evaluate (and checkpoint) every this many optimizer steps
+    eval_iters: int = 50                # validation batches per evaluation (always the same ones)
+    log_interval: int = 10              # one metrics.jsonl line per this many steps
+    always_save_checkpoint: bool = True  # checkpoint at every evaluation, not only when val loss improves
+    sample_prompts: list = dataclasses.field(  # continued at every evaluation
+        default_factory=lambda: ["Once upon a time", "The meaning of life is", "Photosynthesis is"])
+    sample_tokens: int = 32             # tokens sampled per prompt (out_dir/samples.jsonl); 0 = no samples
+    wandb_log: bool = False             # also log to Weights & Biases (imported only then)
+    wandb_project: str = "deepseek-nanogpt"
+    wandb_run_name: str = "run"
     # data
-    "dataset": "cosmopedia",          # data/<dataset>/ as written by prepare.py (or a path)
-    "batch_size": 16,                 # sequences per micro-batch
-    "gradient_accumulation_steps": 1, # micro-batches per optimizer step (over all ranks)
+    dataset: str = "cosmopedia"         # data/<dataset>/ as written by prepare.py (or a path)
+    batch_size: int = 16                # sequences per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (over all ranks)
     # AdamW with linear warmup, then cosine decay to min_lr at lr_decay_iters
-    "learning_rate": 6e-4,
-    "min_lr": 6e-5,
-    "warmup_iters": 200,
-    "lr_decay_iters": 5000,
-    "max_iters": 5000,
-    "weight_decay": 0.1,              # on matrices only (not norms, embeddings or the MoE balancing bias)
-    "beta1": 0.9,
-    "beta2": 0.95,
-    "grad_clip": 1.0,                 # clip the global gradient norm to this; 0 = no clipping
+    learning_rate: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_iters: int = 200
+    lr_decay_iters: int = 5000
+    max_iters: int = 5000
+    weight_decay: float = 0.1           # on matrices only (not norms, embeddings or the MoE balancing bias)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0              # clip the global gradient norm to this; 0 = no clipping
     # system
-    "device": "auto",                 # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1", "mps"
-    "dtype": "auto",                  # "auto" (GPUs: bfloat16, float16 on older ones; CPUs: the faster for this model), "float32", "bfloat16", "float16"
-    "compile": None,                  # torch.compile; None = on CUDA only
-    "seed": 1337,
+    device: str = "auto"                # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1", "mps"
+    dtype: str = "auto"                 # "auto" (GPUs: bfloat16, float16 on older ones; CPUs: the faster for this
+                                        # model), "float32", "bfloat16", "float16"
+    compile: bool | None = None         # torch.compile; None = on CUDA only
+    seed: int = 1337
     # the model: every ModelConfig field (model.py), e.g. --n_layer=4 --n_routed_experts=8
-    **dataclasses.asdict(ModelConfig()),
-}
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+
+    def __post_init__(self):
+        if self.init_from not in ("scratch", "resume", "smollm2-135m"):
+            raise UserError(f"init_from must be scratch, resume or smollm2-135m, not {self.init_from!r}")
+        if self.compile not in (None, True, False):
+            raise UserError(f"compile must be True, False or None, not {self.compile!r}")
+        for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.model.block_size < 1:
+            raise UserError(f"block_size must be at least 1, got {self.model.block_size}")
+        if self.sample_tokens < 0 or not all(isinstance(p, str) and p for p in self.sample_prompts):
+            raise UserError("sample_prompts must be a list of non-empty strings and sample_tokens at least 0 "
+                            "(0 turns the samples off)")
+
+    @property
+    def tokens_per_step(self):
+        return self.batch_size * self.gradient_accumulation_steps * self.model.block_size
 
 
 def main(argv=None):
-    settings = configure(DEFAULTS, argv)
-    check_settings(settings)
-    job = make_job(settings)
+    cfg = configure(TrainConfig(), argv)
+    job = make_job(cfg)
     if job.master:
-        check_writable(settings["out_dir"])
+        check_writable(cfg.out_dir)
     if job.ddp:
         dist.init_process_group(backend="nccl" if job.device.type == "cuda" else "gloo")
     try:
-        train(settings, job)
+        train(cfg, job)
     finally:
         if job.ddp:
             dist.destroy_process_group()
 
 
-def check_settings(settings):
-    """The training settings' own checks (the model's fields are checked by ModelConfig)."""
-    if settings["init_from"] not in ("scratch", "resume", "smollm2-135m"):
-        raise UserError(f"init_from must be scratch, resume or smollm2-135m, not {settings['init_from']!r}")
-    if settings["compile"] not in (None, True, False):
-        raise UserError(f"compile must be True, False or None, not {settings['compile']!r}")
-    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval", "block_size"):
-        if settings[key] < 1:
-            raise UserError(f"{key} must be at least 1, got {settings[key]}")
-    if settings["sample_tokens"] < 0 or not all(isinstance(p, str) and p for p in settings["sample_prompts"]):
-        raise UserError("sample_prompts must be a list of non-empty strings and sample_tokens at least 0 "
-                        "(0 turns the samples off)")
-
-
-def make_job(settings):
+def make_job(cfg):
     """This process's Job: the ranks torchrun started (or one process) with the global batch split across them
     (each rank runs its share of the micro-batches or, when those do not divide, a slice of every micro-batch),
     its device, precision (dtype=auto on a CPU is settled once the model exists: auto_dtype) and compile."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])) if world > 1 else (0, 0)
-    accum, batch = settings["gradient_accumulation_steps"], settings["batch_size"]
+    accum, batch = cfg.gradient_accumulation_steps, cfg.batch_size
     if accum % world and batch % world:
         raise UserError(f"neither gradient_accumulation_steps ({accum}) nor batch_size ({batch}) divides "
                         f"across {world} ranks: make one of them a multiple of {world}")
     micro_steps, micro_batch = (accum // world, batch) if accum % world == 0 else (accum, batch // world)
-    device = pick_device(settings["device"])
+    device = pick_device(cfg.device)
     if device.type == "cuda" and device.index is None:  # this rank's GPU: set_device needs an index
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
         torch.backends.cudnn.allow_tf32 = True
-    use_compile = device.type == "cuda" if settings["compile"] is None else settings["compile"]
-    return Job(device, pick_dtype(settings["dtype"], device), use_compile, world, rank, local_rank, micro_steps,
+    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
+    return Job(device, pick_dtype(cfg.dtype, device), use_compile, world, rank, local_rank, micro_steps,
                micro_batch)
 
 
 @dataclass
 class Run:
     """One training run: what the loop reads and changes, kept together."""
-    settings: dict
+    cfg: TrainConfig
     job: Job
     data: Dataset
     state: TrainState
@@ -147,16 +154,12 @@ class Run:
 
     @property
     def ckpt_path(self):
-        return os.path.join(self.settings["out_dir"], "ckpt.pt")
-
-    @property
-    def tokens_per_step(self):
-        s = self.settings
-        return s["batch_size"] * s["gradient_accumulation_steps"] * s["block_size"]
+        return os.path.join(self.cfg.out_dir, "ckpt.pt")
 
 
-def train(settings, job):
-    run = start_run(settings, job)
+
+def train(cfg, job):
+    run = start_run(cfg, job)
     handlers = {s: signal.signal(s, on_signal(run.stop)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         loop(run)
@@ -171,76 +174,76 @@ def train(settings, job):
                      f"best val loss {state.best_val_loss:.4f}")
 
 
-def start_run(settings, job):
+def start_run(cfg, job):
     """The data, the model (from scratch, a checkpoint or pretrained weights), its precision, optimizer and state,
     and the lines that say what is about to happen."""
-    data = open_dataset(settings["dataset"], settings["block_size"])
-    ckpt = load_checkpoint(os.path.join(settings["out_dir"], "ckpt.pt")) if settings["init_from"] == "resume" else None
-    model, tokenizer = build_model(settings, ckpt, data)
+    data = open_dataset(cfg.dataset, cfg.model.block_size)
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")) if cfg.init_from == "resume" else None
+    model, tokenizer = build_model(cfg, ckpt, data)
     model.to(job.device)
     dtype_note = ""
-    if settings["dtype"] == "auto":
-        job.dtype, dtype_note = auto_dtype(settings, ckpt, model, job)
-    settings = {**settings, "dtype": job.dtype}  # the checkpoint records the precision the run trains in
-    state = new_state(settings, model, job, data)
+    if cfg.dtype == "auto":
+        job.dtype, dtype_note = auto_dtype(cfg, ckpt, model, job)
+    cfg = dataclasses.replace(cfg, dtype=job.dtype)  # the checkpoint records the precision the run trains in
+    state = new_state(cfg, model, job, data)
     if ckpt is not None:
         restore_state(state, ckpt)
-    torch.manual_seed(settings["seed"] + job.rank)  # dropout differs across ranks
+    torch.manual_seed(cfg.seed + job.rank)  # dropout differs across ranks
     if ckpt is not None:
         restore_rng(ckpt, job)
     del ckpt  # its tensors now live in the model and optimizer
-    run = Run(settings, job, data, state, wrap(model, job), data.tokenizer or tokenizer, stop=Stop())
+    run = Run(cfg, job, data, state, wrap(model, job), data.tokenizer or tokenizer, stop=Stop())
     if run.tokenizer and job.master:
         run.tok = Tokenizer.from_str(run.tokenizer)
         run.val_bytes = text_bytes(run.tok, data.val, state.val_windows, data.meta["eot_id"])
     peak, peak_note = peak_flops(job.device, job.dtype) if job.master else (None, "")
-    run.progress = Progress(settings, state, job.master,
-                            Rate(run.tokens_per_step, model.flops_per_token(settings["block_size"]),
+    run.progress = Progress(cfg, state, job.master,
+                            Rate(cfg.tokens_per_step, model.flops_per_token(cfg.model.block_size),
                                  peak * job.world if peak else None))
     for line in describe(run, peak_note, dtype_note) + plan(run, peak):
         run.progress.say(line)
     return run
 
 
-def build_model(settings, ckpt, data):
+def build_model(cfg, ckpt, data):
     """(the model, on the CPU in training mode; the pretrained tokenizer's JSON or None): from scratch, from
     the checkpoint, or from SmolLM2-135M's weights with this run's block_size and dropout."""
-    torch.manual_seed(settings["seed"])  # the same initial weights on every rank
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     tokenizer = None
-    if settings["init_from"] == "smollm2-135m":
+    if cfg.init_from == "smollm2-135m":
         import pretrained  # loads 135M weights: only when asked
         model, tok = pretrained.smollm2_135m()
         # the architecture is SmolLM2's; the context length and dropout of this run may differ
-        check_same_model(settings, dataclasses.asdict(model.config), "SmolLM2-135M", ignore=("block_size", "dropout"))
-        if (model.config.block_size, model.config.dropout) != (settings["block_size"], settings["dropout"]):
-            cfg = dataclasses.replace(model.config, block_size=settings["block_size"], dropout=settings["dropout"])
-            state, model = model.state_dict(), Transformer(cfg)
+        check_same_model(cfg.model, model.config, "SmolLM2-135M", ignore=("block_size", "dropout"))
+        if (model.config.block_size, model.config.dropout) != (cfg.model.block_size, cfg.model.dropout):
+            ours = dataclasses.replace(model.config, block_size=cfg.model.block_size, dropout=cfg.model.dropout)
+            state, model = model.state_dict(), Transformer(ours)
             model.load_state_dict(state)  # the RoPE tables are rebuilt, not loaded
         tokenizer = tok.to_str()
     elif ckpt is not None:
         model = model_from_checkpoint(ckpt)
-        check_same_model(settings, dataclasses.asdict(model.config), f"checkpoint {settings['out_dir']}/ckpt.pt",
+        check_same_model(cfg.model, model.config, f"checkpoint {cfg.out_dir}/ckpt.pt",
                          ignore=("mtp_loss_weight",))
         # the MTP loss weight may change on resume (DeepSeek-V3 went from 0.3 to 0.1 for its last 4.8T tokens)
-        model.config = dataclasses.replace(model.config, mtp_loss_weight=settings["mtp_loss_weight"])
+        model.config = dataclasses.replace(model.config, mtp_loss_weight=cfg.model.mtp_loss_weight)
     else:
-        model = Transformer(from_settings(ModelConfig, settings))
+        model = Transformer(cfg.model)
     if data.meta["vocab_size"] > model.config.vocab_size:
         raise UserError(f"{data.dir} has a vocabulary of {data.meta['vocab_size']} tokens but the model's vocab_size "
                         f"is {model.config.vocab_size}: set --vocab_size={data.meta['vocab_size']} or more")
     return model.train(), tokenizer
 
 
-def check_same_model(settings, model_config, what, ignore=()):
-    """Refuse to continue `what` (a checkpoint, pretrained weights) with different model settings."""
-    diff = [f"{k}={v!r} (the settings say {settings.get(k)!r})" for k, v in model_config.items()
-            if k not in ignore and settings.get(k) != v]
+def check_same_model(wanted, found, what, ignore=()):
+    """Refuse to continue `what` (a checkpoint, pretrained weights) whose ModelConfig `found` is not the settings'."""
+    diff = [f"{k}={v!r} (the settings say {getattr(wanted, k)!r})" for k, v in dataclasses.asdict(found).items()
+            if k not in ignore and getattr(wanted, k) != v]
     if diff:
         raise UserError(f"{what} has a different model: {', '.join(diff[:4])}; "
                         "use the config file it was trained with")
 
 
-def auto_dtype(settings, ckpt, model, job):
+def auto_dtype(cfg, ckpt, model, job):
     """(dtype, why) for dtype=auto once the model exists. A resumed run keeps the precision its checkpoint was
     trained in, so that a noisy timing cannot change it mid-run. A new run on a CPU takes what auto_cpu_dtype
     measures for this model (rank 0 decides for all); on a GPU, pick_dtype's choice."""
@@ -250,7 +253,7 @@ def auto_dtype(settings, ckpt, model, job):
         return job.dtype, "dtype=auto on this GPU"
     choice = [None]
     if job.master:
-        block = settings["block_size"]
+        block = cfg.model.block_size
         peaks = {d: cpu_matmul_peak(torch.get_num_threads(), d) for d in ("float32", "bfloat16")}
         flops_per_step = model.flops_per_token(block) * job.micro_batch * block
         choice = [auto_cpu_dtype(step_timer(model, job.micro_batch, block), peaks, flops_per_step)]
@@ -276,16 +279,16 @@ def step_timer(model, batch_size, block_size):
     return time_step
 
 
-def new_state(settings, model, job, data):
+def new_state(cfg, model, job, data):
     """A fresh TrainState: AdamW (weight decay on matrices only), the grad scaler (float16 only), the data order's
     generator, and the fixed validation windows drawn from their own seed."""
-    optimizer = torch.optim.AdamW(param_groups(model, settings["weight_decay"]), lr=settings["learning_rate"],
-                                  betas=(settings["beta1"], settings["beta2"]),
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(cfg.beta1, cfg.beta2),
                                   fused=job.device.type in ("cuda", "cpu"))  # one kernel for all tensors
     scaler = torch.amp.GradScaler(job.device.type, enabled=job.dtype == "float16")
-    val_gen = torch.Generator().manual_seed(settings["seed"] + 1)
-    val_windows = torch.randint(data.val.windows, (settings["eval_iters"], settings["batch_size"]), generator=val_gen)
-    return TrainState(model, optimizer, scaler, torch.Generator().manual_seed(settings["seed"]), val_windows)
+    val_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    val_windows = torch.randint(data.val.windows, (cfg.eval_iters, cfg.batch_size), generator=val_gen)
+    return TrainState(model, optimizer, scaler, torch.Generator().manual_seed(cfg.seed), val_windows)
 
 
 def param_groups(model, weight_decay):
@@ -311,20 +314,20 @@ def wrap(model, job):
 
 def describe(run, peak_note, dtype_note):
     """The startup lines: the model, the batch, the precision, the experts' path, the data."""
-    s, job, model, state = run.settings, run.job, run.state.model, run.state
+    cfg, job, model, state = run.cfg, run.job, run.state.model, run.state
     mtp_params = sum(p.numel() for p in model.mtp.parameters())
     lines = [f"model: {model.num_params():,} parameters, {model.num_params(active=True):,} active per token "
              f"({model.config.attention}, {'MoE' if model.moe_layers() else 'dense'}, {model.config.n_layer} layers"
              + (f"; {len(model.mtp)} MTP module(s), {mtp_params:,} of the parameters" if mtp_params else "") + ")",
-             f"tokens per step: {run.tokens_per_step:,} = {job.world} rank(s) x {job.micro_steps} micro-steps x "
-             f"{job.micro_batch} sequences x {s['block_size']} tokens; {s['max_iters']:,} steps = "
-             f"{run.tokens_per_step * s['max_iters']:,} tokens",
+             f"tokens per step: {run.cfg.tokens_per_step:,} = {job.world} rank(s) x {job.micro_steps} micro-steps x "
+             f"{job.micro_batch} sequences x {cfg.model.block_size} tokens; {cfg.max_iters:,} steps = "
+             f"{run.cfg.tokens_per_step * cfg.max_iters:,} tokens",
              f"precision: {job.dtype} on {job.device}{', torch.compile' if job.compile else ''}"
              + (f" ({dtype_note})" if dtype_note else "") + f"; MFU against {peak_note}"]
     if model.moe_layers():
         lines.append(f"MoE experts: {experts_path(job)}")
     lines.append(f"data: {run.data.dir} ({run.data.train.tokens:,} train tokens, vocab {run.data.meta['vocab_size']:,}); "
-                 + (f"resuming at iteration {state.iter_num}" if state.start_iter else f"init from {s['init_from']}"))
+                 + (f"resuming at iteration {state.iter_num}" if state.start_iter else f"init from {cfg.init_from}"))
     return lines
 
 
@@ -342,22 +345,22 @@ def experts_path(job):
 def plan(run, peak):
     """Lines saying how long the plan takes here, from the model's FLOPs and the measured peak (at 50% MFU),
     with a warning when it takes more than a day, and a note when it reads the data many times over."""
-    s, lines = run.settings, []
+    cfg, lines = run.cfg, []
     if peak:
         rate = 0.5 * peak * run.job.world
-        step = run.state.model.flops_per_token(s["block_size"]) * run.tokens_per_step / rate
-        evaluation = step / 3 * s["eval_iters"] / s["gradient_accumulation_steps"]  # forward only
-        total = s["max_iters"] * step + (s["max_iters"] // s["eval_interval"] + 1) * evaluation
+        step = run.state.model.flops_per_token(cfg.model.block_size) * run.cfg.tokens_per_step / rate
+        evaluation = step / 3 * cfg.eval_iters / cfg.gradient_accumulation_steps  # forward only
+        total = cfg.max_iters * step + (cfg.max_iters // cfg.eval_interval + 1) * evaluation
         lines.append(f"estimate at 50% MFU: {duration(step)} per step, {duration(evaluation)} per evaluation, "
-                     f"{duration(total)} for {s['max_iters']:,} steps")
+                     f"{duration(total)} for {cfg.max_iters:,} steps")
         if total > 86400:
             lines.append(f"warning: this plan takes about {duration(total)} on {run.job.device}: for a first run here "
                          "use config/cpu_moe.py, or fewer max_iters and eval_iters, or a GPU (stop with Ctrl-C)")
     train_tokens = run.data.train.tokens
-    epochs = run.tokens_per_step * s["max_iters"] / max(train_tokens, 1)
+    epochs = run.cfg.tokens_per_step * cfg.max_iters / max(train_tokens, 1)
     if epochs >= 2:
-        lines.append(f"note: {s['max_iters']:,} steps read {run.tokens_per_step * s['max_iters']:,} tokens, "
-                     f"{epochs:,.1f} times the {train_tokens:,} training tokens of {s['dataset']}: the model "
+        lines.append(f"note: {cfg.max_iters:,} steps read {run.cfg.tokens_per_step * cfg.max_iters:,} tokens, "
+                     f"{epochs:,.1f} times the {train_tokens:,} training tokens of {cfg.dataset}: the model "
                      "will memorise them; prepare more data (prepare.py --max_tokens) for a real curve")
     return lines
 
@@ -373,17 +376,17 @@ def duration(seconds):
 
 
 def loop(run):
-    s, state = run.settings, run.state
+    cfg, state = run.cfg, run.state
     while True:
-        lr = get_lr(state.iter_num, s)
+        lr = get_lr(state.iter_num, cfg)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         if run.stop.now(run.job):
             raise Interrupted(run.stop.signal or signal.SIGTERM)
-        if (state.iter_num % s["eval_interval"] == 0 or state.iter_num == s["max_iters"]) and \
+        if (state.iter_num % cfg.eval_interval == 0 or state.iter_num == cfg.max_iters) and \
                 state.evaluated != state.iter_num:  # a resumed run's checkpoint may have evaluated already
             evaluation(run)
-        if state.iter_num >= s["max_iters"]:
+        if state.iter_num >= cfg.max_iters:
             return
         t0 = time.perf_counter()
         result = optimizer_step(run)
@@ -391,14 +394,14 @@ def loop(run):
             raise UserError(f"loss is {result.loss} at iteration {state.iter_num}; stopped without saving, "
                             f"{run.ckpt_path} is the last good checkpoint (try a lower learning_rate)")
         state.iter_num += 1
-        state.tokens_seen += run.tokens_per_step
+        state.tokens_seen += run.cfg.tokens_per_step
         run.stop.all_ranks = result.stop
         run.progress.step(state, result, lr, time.perf_counter() - t0)
 
 
-def get_lr(it, settings):
+def get_lr(it, cfg):
     """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters (nanoGPT)."""
-    lr, min_lr, warmup, decay = settings["learning_rate"], settings["min_lr"], settings["warmup_iters"], settings["lr_decay_iters"]
+    lr, min_lr, warmup, decay = cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters
     if it < warmup:
         return lr * (it + 1) / (warmup + 1)
     if it >= decay:
@@ -415,11 +418,11 @@ def evaluation(run):
     if not math.isfinite(result.loss):
         raise UserError(f"validation loss is {result.loss} at iteration {state.iter_num}; stopped without "
                         f"saving, {run.ckpt_path} is the last good checkpoint")
-    if run.tok and run.settings["sample_tokens"]:
+    if run.tok and run.cfg.sample_tokens:
         result.samples = generate_samples(run)
     run.progress.evaluation(state, result)
     state.evaluated = state.iter_num
-    if result.loss < state.best_val_loss or run.settings["always_save_checkpoint"]:
+    if result.loss < state.best_val_loss or run.cfg.always_save_checkpoint:
         state.best_val_loss = min(state.best_val_loss, result.loss)
         if state.iter_num > state.start_iter:
             save(run, "evaluation")
@@ -454,14 +457,14 @@ def evaluate(run):
 def generate_samples(run):
     """Continuations of the fixed prompts, from a generator seeded the same at every evaluation (the training
     RNG is untouched), in eval mode; [(prompt, continuation)]."""
-    model, job, s = run.state.model, run.job, run.settings
-    generator = torch.Generator(device=job.device).manual_seed(s["seed"])
+    model, job, cfg = run.state.model, run.job, run.cfg
+    generator = torch.Generator(device=job.device).manual_seed(cfg.seed)
     samples = []
     model.eval()
     with interruptible(run.stop, job), autocast(job.device, job.dtype):
-        for prompt in s["sample_prompts"]:
+        for prompt in cfg.sample_prompts:
             ids = torch.tensor([run.tok.encode(prompt).ids[-model.config.block_size:]], device=job.device)
-            new = generate(model, ids, s["sample_tokens"], Sampling(temperature=0.8, top_k=200, generator=generator))
+            new = generate(model, ids, cfg.sample_tokens, Sampling(temperature=0.8, top_k=200, generator=generator))
             samples.append((prompt, run.tok.decode(new[0, ids.size(1):].tolist())))
     model.train()
     return samples
@@ -469,12 +472,12 @@ def generate_samples(run):
 
 def optimizer_step(run):
     """One optimizer step on this rank's share of the step's global batch; its StepResult."""
-    state, job, s = run.state, run.job, run.settings
+    state, job, cfg = run.state, run.job, run.cfg
     boundary = (state.data_gen.get_state(), torch.get_rng_state(),  # (the CUDA RNG's state lives on the host)
                 torch.cuda.get_rng_state(job.device) if job.device.type == "cuda" else None)
-    windows = torch.randint(run.data.train.windows, (s["gradient_accumulation_steps"], s["batch_size"]),
+    windows = torch.randint(run.data.train.windows, (cfg.gradient_accumulation_steps, cfg.batch_size),
                             generator=state.data_gen)
-    if job.micro_steps * job.world == s["gradient_accumulation_steps"]:
+    if job.micro_steps * job.world == cfg.gradient_accumulation_steps:
         mine = windows.view(job.world, job.micro_steps, -1)[job.rank]     # whole micro-batches
     else:
         mine = windows.view(job.micro_steps, job.world, -1)[:, job.rank]  # a slice of every micro-batch
@@ -491,7 +494,7 @@ def optimizer_step(run):
         raise
     # from here the step completes whatever arrives: a signal is acted on at the step's end
     state.scaler.unscale_(state.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), s["grad_clip"] or float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip or float("inf"))
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
@@ -540,7 +543,7 @@ def save(run, reason):
     """Checkpoint the run at its last step; all ranks call it (for their RNG states), rank 0 writes."""
     rng = rng_states(run.job)
     if run.job.master:
-        save_state(run.ckpt_path, run.state, run.settings, run.tokenizer, rng)
+        save_state(run.ckpt_path, run.state, run.cfg, run.tokenizer, rng)
         run.progress.say(f"saved {run.ckpt_path} at iteration {run.state.iter_num} ({reason})")
 
 # -----------------------------------------------------------------------------

@@ -1,12 +1,11 @@
 """atomic.py: a file appears whole or not at all, and no temporary file is left behind."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from atomic import atomic_write
+from conftest import run_python
 
 
 def test_a_finished_block_replaces_the_file(tmp_path):
@@ -51,6 +50,5 @@ def test_a_writer_that_opens_the_temporary_file_by_name(tmp_path):
 
 def test_it_imports_without_torch():
     """prepare.py's worker processes import it and stay free of torch."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = "import sys, atomic; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+    run_python("-c", code, check=True)

@@ -8,10 +8,11 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from configurator import UserError
+from conftest import TINY_CONFIG
 from hf_format import unfuse
 from model import ModelConfig, Transformer
 
-CFG = ModelConfig(vocab_size=97, block_size=16, n_layer=1, n_embd=16, n_head=2, n_kv_head=1, intermediate_size=32)
+CFG = ModelConfig(**TINY_CONFIG)  # dense GQA
 
 
 def test_load_checkpoint_refuses_pickle(tmp_path):

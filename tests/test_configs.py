@@ -3,7 +3,6 @@ count that an independent formula gives, the reference models' counts are accoun
 version of each reference preset learns in a few steps of train.py."""
 
 import glob
-import json
 import os
 
 import pytest
@@ -11,10 +10,10 @@ import torch
 
 import train
 from configurator import from_settings, read_file
+from conftest import ROOT, VOCAB, metrics
 from model import ModelConfig, Transformer
-from test_train import VOCAB, write_dataset
 
-CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "*.py")))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "config", "*.py")))
 # the counts the earlier projects reported for the models these presets reproduce
 REPORTED = {"customllm_1b": 1_075.06e6, "customllm_973m": 973.12e6, "deepseek_159m": 159_019_568}
 
@@ -70,11 +69,10 @@ NARROW = ["--vocab_size=64", "--block_size=16", "--n_layer=2", "--n_embd=32", "-
 
 
 @pytest.mark.parametrize("name", sorted(REPORTED))
-def test_a_narrow_version_of_each_reference_preset_learns(name, tmp_path):
+def test_a_narrow_version_of_each_reference_preset_learns(name, data, tmp_path):
     """The preset's own structure (MoE in every layer, latent query, untied head, dropout, top-2) at width 32."""
-    data = write_dataset(str(tmp_path / "data"))
     train.main([f"config/{name}.py", *NARROW, f"--dataset={data}", f"--out_dir={tmp_path / 'out'}"])
-    records = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    records = metrics(tmp_path / "out")
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert len(val) == 3 and val[0] > torch.log(torch.tensor(VOCAB)).item() - 0.3 and val[-1] < val[0] - 1.0
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)

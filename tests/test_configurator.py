@@ -1,6 +1,10 @@
+"""configurator.py: config files and --key=value overrides, their types, unknown keys, and from_settings (a
+dataclass's fields out of the settings)."""
+
 import pytest
 
-from configurator import UserError, configure
+from configurator import UserError, configure, from_settings
+from model import ModelConfig
 
 DEFAULTS = {"batch_size": 12, "learning_rate": 6e-4, "compile": True, "out_dir": "out", "top_k": None}
 
@@ -50,3 +54,14 @@ def test_an_unknown_option_suggests_the_closest_known_one():
             configure(known, [f"--{typed}=1"])
     with pytest.raises(UserError, match=r"unknown option --zzz \(known: grad_clip, gradient_accumulation_steps, "):
         configure(known, ["--zzz=1"])
+
+
+def test_from_settings_takes_the_model_fields_and_checks_their_types():
+    cfg = from_settings(ModelConfig, {"n_layer": 3, "route_scale": 2, "batch_size": 8, "out_dir": "x"})
+    assert (cfg.n_layer, cfg.route_scale, cfg.n_embd) == (3, 2.0, ModelConfig().n_embd)  # ints widen to floats
+    with pytest.raises(UserError, match="config/x.py: n_layer must be int, got '3'"):
+        from_settings(ModelConfig, {"n_layer": "3"}, where="config/x.py")
+    with pytest.raises(UserError, match="bad ModelConfig settings: n_head .* multiple of n_kv_head"):
+        from_settings(ModelConfig, {"n_head": 6, "n_kv_head": 4})
+    with pytest.raises(UserError, match="does not know: batch_size"):
+        from_settings(ModelConfig, {"n_layer": 3, "batch_size": 8}, strict=True)

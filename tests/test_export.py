@@ -1,47 +1,20 @@
-"""export.py --format=hf: what transformers loads from the exported directory computes our numbers."""
+"""export.py: with --format=hf, what transformers loads from the exported directory computes our numbers; the
+options it refuses. (--format=gguf, what llama.cpp loads: test_gguf_format.py.)"""
 
 import dataclasses
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import checkpoint
 import export
 import pretrained
 from configurator import UserError, run_main
+from conftest import EXPORT_CONFIG, EXPORT_MODELS, export_model, run_script, write_checkpoint
 from generate import Sampling, generate
 from model import ModelConfig, Transformer
 from tokenizer import eot_id, load_tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-TINY = dict(vocab_size=512, block_size=64, n_embd=64, n_head=4, intermediate_size=96)
-CONFIGS = {
-    "dense_gqa": dict(attention="gqa", n_layer=2, n_kv_head=2, tie_embeddings=True, rope_theta=100000.0),
-    # q_lora_rank 0 (q_proj), untied head, norm_eps large enough that transformers' fixed 1e-6 latent eps
-    # would show if the export did not compensate for it
-    "mla_moe": dict(attention="mla", n_layer=3, q_lora_rank=0, kv_lora_rank=32, qk_nope_head_dim=16,
-                    qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=6, n_activated_experts=2,
-                    n_shared_experts=2, moe_intermediate_size=32, first_k_dense=1, route_scale=1.5,
-                    norm_eps=1e-3, tie_embeddings=False, bias_update_rate=0.01, rope_theta=500.0),
-    # compressed queries (q_a_proj, q_a_layernorm, q_b_proj), all layers MoE, tied head
-    "mla_moe_q_lora": dict(attention="mla", n_layer=2, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
-                           qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, n_activated_experts=3,
-                           n_shared_experts=1, moe_intermediate_size=32, first_k_dense=0,
-                           norm_eps=1e-4, tie_embeddings=True, bias_update_rate=0.01),
-    # a multi-token-prediction module, which exports leave out: the main model's logits must stay the same
-    "mla_moe_mtp": dict(attention="mla", n_layer=2, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                        v_head_dim=16, n_routed_experts=4, n_activated_experts=2, moe_intermediate_size=32,
-                        first_k_dense=1, mtp_depth=1, bias_update_rate=0.01),
-    # MLA with dense SwiGLU layers only: DeepSeek-V3 with every layer among the "first dense" ones
-    "mla_dense": dict(attention="mla", n_layer=2, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                      v_head_dim=16, n_routed_experts=0),
-}
 
 
 @pytest.fixture(scope="module")
@@ -49,35 +22,11 @@ def tokenizer():
     return load_tokenizer("cosmo2")
 
 
-def tiny_model(name, trained, configs=CONFIGS):
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(**TINY, **configs[name]))
-    if trained:  # a few AdamW steps on random tokens, with loss-free balancing moving the router biases
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        for _ in range(3):
-            x = torch.randint(0, 512, (4, 33))
-            _, losses = model(x[:, :-1], x[:, 1:])
-            losses.total.backward()
-            opt.step()
-            opt.zero_grad()
-            model.update_router_bias(model.pop_expert_counts())
-        for moe in model.moe_layers():
-            assert moe.router.bias.abs().sum() > 0
-    return model.eval()
-
-
-def save_checkpoint(model, tokenizer, out_dir):
-    os.makedirs(out_dir, exist_ok=True)
-    checkpoint.save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-                                "settings": {"dataset": "none"}, "tokenizer": tokenizer.to_str()},
-                               os.path.join(out_dir, "ckpt.pt"))
-
-
 @pytest.mark.parametrize("trained", [False, True], ids=["random", "trained"])
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(EXPORT_MODELS))
 def test_round_trip(name, trained, tokenizer, tmp_path, capsys):
-    model = tiny_model(name, trained)
-    save_checkpoint(model, tokenizer, tmp_path)
+    model = export_model(name, trained)
+    write_checkpoint(model, tokenizer, tmp_path)
     export.main([f"--out_dir={tmp_path}"])  # the script's path: checkpoint -> out_dir/hf
     said = capsys.readouterr().out
     assert ("left out the 1 multi-token-prediction module(s)" in said) == (model.config.mtp_depth == 1)
@@ -111,7 +60,7 @@ def test_round_trip(name, trained, tokenizer, tmp_path, capsys):
 def test_hub_loader_reads_an_exported_llama(tokenizer, tmp_path):
     """pretrained.load_hub (the Hub safetensors path, which this machine cannot reach) reads back what
     export wrote, through the same name mapping."""
-    model = tiny_model("dense_gqa", trained=True)
+    model = export_model("dense_gqa", trained=True)
     export.export_hf(model, tokenizer, tmp_path)
     fresh = Transformer(model.config)
     pretrained.load_hub(fresh, tmp_path / "config.json", tmp_path / "model.safetensors")
@@ -127,7 +76,7 @@ def test_hub_loader_reads_an_exported_llama(tokenizer, tmp_path):
     (dict(attention="gqa", n_kv_head=2), "GQA model with MoE"),
 ])
 def test_refuses_what_transformers_cannot_represent(change, message, tokenizer, tmp_path):
-    cfg = ModelConfig(**TINY, **{**CONFIGS["mla_moe"], **change})
+    cfg = ModelConfig(**EXPORT_CONFIG, **{**EXPORT_MODELS["mla_moe"], **change})
     with pytest.raises(UserError, match=message):
         export.export_hf(Transformer(cfg), tokenizer, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()  # nothing written
@@ -139,10 +88,26 @@ def test_bad_input(tokenizer, tmp_path, capsys):
     assert exit.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: no checkpoint at {tmp_path / 'nothing' / 'ckpt.pt'}")
     # the script itself, on a checkpoint that transformers cannot represent
-    cfg = ModelConfig(**TINY, **{**CONFIGS["mla_moe"], "score_func": "softmax"})
-    save_checkpoint(Transformer(cfg), tokenizer, tmp_path / "softmax")
-    run = subprocess.run([sys.executable, "export.py", f"--out_dir={tmp_path / 'softmax'}"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    cfg = ModelConfig(**EXPORT_CONFIG, **{**EXPORT_MODELS["mla_moe"], "score_func": "softmax"})
+    write_checkpoint(Transformer(cfg), tokenizer, tmp_path / "softmax")
+    run = run_script("export.py", f"--out_dir={tmp_path / 'softmax'}", timeout=120)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.startswith("error: cannot export score_func='softmax'") and run.stderr.count("\n") == 1
     assert not (tmp_path / "softmax" / "hf").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--format=onnx"], "error: --format=onnx: use hf (a transformers directory) or gguf (llama.cpp)"),
+    (["--format=gguf", "--outtype=q4_0"], "error: --outtype=q4_0: use one of f32, f16, bf16, q8_0"),
+    (["--outtype=f16"], "error: --outtype is for --format=gguf"),
+])
+def test_bad_options(args, message, tokenizer, tmp_path, capsys):
+    # options are checked before the export; gguf's output type once the checkpoint is read, so it is an exportable
+    # one (its tokenizer has an end-of-text token)
+    write_checkpoint(export_model("dense_gqa", False), tokenizer, tmp_path)
+    with pytest.raises(SystemExit) as exit:  # as `python export.py` runs it, without a new process
+        run_main(lambda: export.main([f"--out_dir={tmp_path}", *args]))
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]  # nothing written beside the checkpoint

@@ -10,34 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import generate as generate_py
+from conftest import ARCHS, SMALL_MODELS, TINY_CONFIG, VARIANTS, randomize_router_bias, small, tiny
 from generate import (KVCache, Sampling, accept_drafts, generate, logits_of, sample_logits, speculate, stream,
                       token_probs)
 from model import ModelConfig, Transformer
-
-# the tiny models of test_model.py (copied: a test file imports no other)
-TINY = dict(vocab_size=97, block_size=64, n_layer=2, n_embd=48, n_head=4, n_kv_head=2, intermediate_size=96,
-            kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, moe_intermediate_size=32)
-VARIANTS = {
-    "gqa": dict(attention="gqa"),
-    "mqa": dict(attention="gqa", n_kv_head=1),
-    "mla": dict(attention="mla", q_lora_rank=0),
-    "mla_qlora_moe": dict(attention="mla", q_lora_rank=16, n_routed_experts=6, n_activated_experts=2,
-                          n_shared_experts=1, first_k_dense=1),
-    "gqa_moe_softmax": dict(attention="gqa", n_routed_experts=5, n_activated_experts=3, n_shared_experts=0,
-                            first_k_dense=0, score_func="softmax", route_scale=2.0),
-}
-ARCHS = {"gqa": VARIANTS["gqa"], "mla_moe": VARIANTS["mla_qlora_moe"]}
-
-
-def tiny(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig(**{**TINY, **overrides})).eval()
-
-
-def randomize_router_bias(model, scale=0.3):
-    for moe in model.moe_layers():  # non-zero biases so that tests cover biased selection
-        moe.router.bias.uniform_(-scale, scale)
-
 
 GREEDY = Sampling(temperature=0)
 
@@ -49,8 +25,8 @@ def test_mla_cache_holds_only_the_latent():
     caches = [KVCache(16) for _ in model.layers]
     with torch.no_grad():
         model.trunk(torch.randint(0, 97, (1, 4)), caches)
-    per_layer = (TINY["kv_lora_rank"] + TINY["qk_rope_head_dim"]) * 4  # float32 numbers per token
-    assert [c.bytes_per_token() for c in caches] == [per_layer] * TINY["n_layer"]
+    per_layer = (TINY_CONFIG["kv_lora_rank"] + TINY_CONFIG["qk_rope_head_dim"]) * 4  # float32 numbers per token
+    assert [c.bytes_per_token() for c in caches] == [per_layer] * TINY_CONFIG["n_layer"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -91,19 +67,8 @@ def test_generate_with_and_without_cache_agree():
     assert torch.equal(cached, uncached)  # (test_decoding_matches_a_loop_of_full_forwards checks both against a loop)
 
 
-# the small models of test_sample.py's checkpoints: a vocabulary of 512, block_size 32
-SMALL = dict(vocab_size=512, block_size=32, n_layer=2, n_embd=32, n_head=4)
-SMALL_MODELS = {
-    "gqa": dict(attention="gqa", n_kv_head=2, intermediate_size=64),
-    "mla_moe": dict(attention="mla", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-                    intermediate_size=64, n_routed_experts=4, n_activated_experts=2, moe_intermediate_size=16),
-}
-
-
-def small(name, **change):
-    torch.manual_seed(0)
-    return Transformer(ModelConfig(**{**SMALL, **SMALL_MODELS[name], **change})).eval()
-
+# decoding against a loop of full forwards, on the models of test_sample.py's checkpoints (conftest's SMALL_MODELS:
+# a vocabulary of 512, block_size 32)
 
 def run_stream(model, prompt, n, seed=None, kv_cache=True, **sampling):
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -239,7 +204,7 @@ def walk(n, length, generator):
 
 
 @pytest.fixture(scope="module")
-def trained():
+def walker():
     """An MLA + MoE model with two MTP modules, trained on walks for 40 steps (about a second)."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**WALK, mtp_depth=2))
@@ -257,11 +222,11 @@ def trained():
 
 
 @pytest.mark.parametrize("name", ["random gqa", "random mla_moe", "trained mla_moe"])
-def test_speculative_greedy_is_plain_greedy_token_for_token(name, trained):
+def test_speculative_greedy_is_plain_greedy_token_for_token(name, walker):
     """Past block_size (32) too, where both go on without the cache. The random models' drafts are nearly all
     refused; the trained model's are accepted and refused."""
     if name == "trained mla_moe":
-        model, prompts = trained, walk(3, 6, torch.Generator().manual_seed(1))
+        model, prompts = walker, walk(3, 6, torch.Generator().manual_seed(1))
     else:
         model = tiny(**ARCHS[name.split()[1]], block_size=32, mtp_depth=3)
         randomize_router_bias(model)
@@ -275,7 +240,7 @@ def test_speculative_greedy_is_plain_greedy_token_for_token(name, trained):
         assert 0.2 * stats["drafted"] < stats["accepted"] < 0.9 * stats["drafted"], stats
 
 
-def test_drafts_are_the_mtp_modules_over_the_whole_sequence(trained, monkeypatch):
+def test_drafts_are_the_mtp_modules_over_the_whole_sequence(walker, monkeypatch):
     """Every round's drafts come from the MTP modules' own caches, which hold positions computed from refused
     drafts until they are redone. A whole forward of the sequence so far, without caches, gives the same
     distributions q: module k's logits at the newest position the main model has seen, given the drafts before."""
@@ -289,13 +254,13 @@ def test_drafts_are_the_mtp_modules_over_the_whole_sequence(trained, monkeypatch
     stats, generator = {}, torch.Generator().manual_seed(2)
     for prompt in walk(2, 5, generator):
         sampling = Sampling(temperature=1.0, top_k=20, generator=generator)
-        list(speculate(trained, prompt[None], 24, sampling, stats=stats))
+        list(speculate(walker, prompt[None], 24, sampling, stats=stats))
     assert 0 < stats["accepted"] < stats["drafted"]
     assert sum(drafts.size(1) for _, drafts, _ in rounds) == stats["drafted"]
     for seq, drafts, q in rounds:
         for k in range(1, drafts.size(1) + 1):
             with torch.no_grad():
-                logits = trained.mtp_logits(*trained.trunk(torch.cat([seq, drafts[:, :k - 1]], 1)))[k - 1][:, -1]
+                logits = walker.mtp_logits(*walker.trunk(torch.cat([seq, drafts[:, :k - 1]], 1)))[k - 1][:, -1]
             assert torch.allclose(q[k - 1], token_probs(logits, Sampling(1.0, 20)), atol=1e-5)
             assert q[k - 1, drafts[0, k - 1]] > 0
 

@@ -1,9 +1,7 @@
-"""export.py --format=gguf: what real llama.cpp (llama-cpp-python, a build of llama.cpp nobody here wrote) loads
-from our GGUF file computes our logits, greedy tokens and tokenization."""
+"""gguf_format.py, as export.py --format=gguf writes it: what real llama.cpp (llama-cpp-python, a build of
+llama.cpp nobody here wrote) loads from our GGUF file computes our logits, greedy tokens and tokenization."""
 
 import os
-import subprocess
-import sys
 
 import gguf
 import numpy as np
@@ -15,25 +13,23 @@ from llama_cpp import GGML_TYPE_F32, Llama
 from llama_cpp.llama_cpp import llama_model_default_params
 from tokenizers import Tokenizer, models
 
-import export
 import gguf_format
 import pretrained
-from configurator import UserError, run_main
+from configurator import UserError
+from conftest import EXPORT_CONFIG, EXPORT_MODELS, export_model, run_script, write_checkpoint
 from generate import Sampling, generate
 from hf_format import half_to_interleaved, interleaved_to_half
 from model import ModelConfig, Transformer
 from prepare import train_bpe
-from test_export import CONFIGS, TINY, save_checkpoint, tiny_model
 from tokenizer import eot_id, load_tokenizer, read_gguf, smollm2_gguf_path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# test_export's tiny models (dense GQA tied; MLA + MoE untied with a leading dense layer and no query compression;
-# MLA + MoE tied with query compression and no dense layer; MLA dense), and what transformers cannot run but
-# llama.cpp can: softmax routing, and a dense GQA model with an untied head and a head size of its own
-GGUF_CONFIGS = {**CONFIGS,
-                "mla_moe_softmax": {**CONFIGS["mla_moe_q_lora"], "score_func": "softmax"},
-                "dense_gqa_untied": {**CONFIGS["dense_gqa"], "tie_embeddings": False, "head_dim": 32}}
+# the exports' tiny models (conftest's EXPORT_MODELS: dense GQA tied; MLA + MoE untied with a leading dense layer
+# and no query compression; MLA + MoE tied with query compression and no dense layer; MLA dense), and what
+# transformers cannot run but llama.cpp can: softmax routing, and a dense GQA model with an untied head and a head
+# size of its own
+GGUF_MODELS = {**EXPORT_MODELS,
+               "mla_moe_softmax": {**EXPORT_MODELS["mla_moe_q_lora"], "score_func": "softmax"},
+               "dense_gqa_untied": {**EXPORT_MODELS["dense_gqa"], "tie_embeddings": False, "head_dim": 32}}
 # |logit difference| allowed for an f32 file with llama.cpp's KV cache in f32: float32 rounding, summed in another
 # order (measured <= 4.8e-7 over these models). llama.cpp's default f16 cache alone moves logits by up to 3e-4.
 F32_ATOL = 2e-6
@@ -52,8 +48,8 @@ def prose(chars):
 
 @pytest.fixture(scope="module")
 def bpe():
-    """prepare.py's own tokenizer kind (bpe:N), 512 tokens so that it fits test_export's tiny models."""
-    return train_bpe([prose(100_000)], TINY["vocab_size"])
+    """prepare.py's own tokenizer kind (bpe:N), 512 tokens so that it fits the exports' tiny models."""
+    return train_bpe([prose(100_000)], EXPORT_CONFIG["vocab_size"])
 
 
 def plain_cpu_buffers():
@@ -121,13 +117,13 @@ def test_cosmo2_metadata_equals_the_shipped_smollm2_file():
 # ---- llama.cpp computes our numbers ----
 
 @pytest.mark.parametrize("trained", [False, True], ids=["random", "trained"])
-@pytest.mark.parametrize("name", list(GGUF_CONFIGS))
+@pytest.mark.parametrize("name", list(GGUF_MODELS))
 def test_llama_cpp_computes_our_logits(name, trained, bpe, tmp_path):
-    model = tiny_model(name, trained, GGUF_CONFIGS)
+    model = export_model(name, trained, GGUF_MODELS)
     path = tmp_path / "model.gguf"
     gguf_format.write_gguf(model, bpe, eot_id(bpe), str(path), "f32")
     llm = llama(path)
-    ids = torch.randint(0, TINY["vocab_size"], (48,), generator=torch.Generator().manual_seed(1)).tolist()
+    ids = torch.randint(0, EXPORT_CONFIG["vocab_size"], (48,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0][0]
     theirs = llama_logits(llm, ids)
@@ -142,11 +138,11 @@ def test_smaller_outtypes_load_and_nearly_agree(outtype, atol, bpe, tmp_path):
     """Rounded weights (and, in llama.cpp's bf16 and q8_0 matmuls, rounded activations) move the logits a little:
     measured max 1.0e-3 (f16), 2.8e-2 (bf16), 1.9e-2 (q8_0) here. Their argmax barely moves (>= 98% measured)."""
     for name in ("dense_gqa_untied", "mla_moe"):
-        model = tiny_model(name, True, GGUF_CONFIGS)
+        model = export_model(name, True, GGUF_MODELS)
         path = tmp_path / f"{name}.gguf"
         gguf_format.write_gguf(model, bpe, eot_id(bpe), str(path), outtype)
         llm = llama(path)
-        ids = torch.randint(0, TINY["vocab_size"], (48,), generator=torch.Generator().manual_seed(2)).tolist()
+        ids = torch.randint(0, EXPORT_CONFIG["vocab_size"], (48,), generator=torch.Generator().manual_seed(2)).tolist()
         with torch.no_grad():
             ours = model(torch.tensor([ids]))[0][0]
         theirs = llama_logits(llm, ids)
@@ -213,13 +209,12 @@ def test_smollm2_in_llama_cpp_computes_our_numbers(outtype, smollm2, tmp_path):
     llm.close()
 
 
-# ---- export.py --format=gguf, and what it refuses ----
+# ---- export.py --format=gguf, and what it refuses (export.py's bad options: test_export.py) ----
 
 def test_export_script_writes_a_file_llama_cpp_runs(bpe, tmp_path):
-    model = tiny_model("mla_moe", True)
-    save_checkpoint(model, bpe, tmp_path)
-    run = subprocess.run([sys.executable, "export.py", f"--out_dir={tmp_path}", "--format=gguf"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    model = export_model("mla_moe", True)
+    write_checkpoint(model, bpe, tmp_path)
+    run = run_script("export.py", f"--out_dir={tmp_path}", "--format=gguf", timeout=120)
     assert run.returncode == 0, run.stderr
     path = tmp_path / "model-f16.gguf"  # the default name and output type
     assert run.stdout.startswith("wrote llama.cpp deepseek2, f16,") and str(path) in run.stdout
@@ -235,7 +230,7 @@ def test_a_model_with_more_rows_than_tokens(bpe, tmp_path):
     """train.py lets vocab_size exceed the tokenizer's size; llama.cpp sizes the embedding by the token list, so
     the rows past the tokenizer's get placeholder tokens."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**{**TINY, "vocab_size": 544}, **CONFIGS["dense_gqa"])).eval()
+    model = Transformer(ModelConfig(**{**EXPORT_CONFIG, "vocab_size": 544}, **EXPORT_MODELS["dense_gqa"])).eval()
     path = tmp_path / "padded.gguf"
     gguf_format.write_gguf(model, bpe, eot_id(bpe), str(path), "f32")
     llm = llama(path)
@@ -254,7 +249,7 @@ def test_a_model_with_more_rows_than_tokens(bpe, tmp_path):
     (dict(vocab_size=256), "the tokenizer has 512 tokens, more than the model's vocab_size 256"),
 ])
 def test_refuses_what_llama_cpp_cannot_represent(change, message, bpe, tmp_path):
-    cfg = ModelConfig(**{**TINY, **CONFIGS["mla_moe"], **change})
+    cfg = ModelConfig(**{**EXPORT_CONFIG, **EXPORT_MODELS["mla_moe"], **change})
     with pytest.raises(UserError, match=message):
         gguf_format.write_gguf(Transformer(cfg), bpe, 0, str(tmp_path / "model.gguf"), "f16")
     assert os.listdir(tmp_path) == []  # nothing written
@@ -263,20 +258,5 @@ def test_refuses_what_llama_cpp_cannot_represent(change, message, bpe, tmp_path)
 def test_refuses_a_tokenizer_llama_cpp_cannot_read(tmp_path):
     wordlevel = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
     with pytest.raises(UserError, match="cannot export this tokenizer to GGUF: .* not a WordLevel model"):
-        gguf_format.write_gguf(tiny_model("dense_gqa", False), wordlevel, 0, str(tmp_path / "model.gguf"), "f16")
+        gguf_format.write_gguf(export_model("dense_gqa", False), wordlevel, 0, str(tmp_path / "model.gguf"), "f16")
     assert os.listdir(tmp_path) == []
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--format=onnx"], "error: --format=onnx: use hf (a transformers directory) or gguf (llama.cpp)"),
-    (["--format=gguf", "--outtype=q4_0"], "error: --outtype=q4_0: use one of f32, f16, bf16, q8_0"),
-    (["--outtype=f16"], "error: --outtype is for --format=gguf"),
-])
-def test_bad_options(args, message, bpe, tmp_path, capsys):
-    save_checkpoint(tiny_model("dense_gqa", False), bpe, tmp_path)
-    with pytest.raises(SystemExit) as exit:  # as `python export.py` runs it, without a new process
-        run_main(lambda: export.main([f"--out_dir={tmp_path}", *args]))
-    assert exit.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith(message) and err.count("\n") == 1
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]  # nothing written beside the checkpoint

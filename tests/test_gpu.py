@@ -1,16 +1,14 @@
 """The CUDA paths that a CPU cannot rehearse: grouped GEMMs on the GPU and the absence of host syncs in a
 training step. Skipped without a CUDA GPU (CI has none); run them where one is: pytest tests/test_gpu.py."""
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import model
 import train
+from conftest import MOE as MOE_ARGS, TINY, metrics
 from model import ModelConfig, MoE, Transformer
-from test_train import MOE as MOE_ARGS, TINY, write_dataset
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 grouped = pytest.mark.skipif(not torch.cuda.is_available() or not model.grouped_mm_runs(torch.device("cuda"), torch.bfloat16),
@@ -82,7 +80,7 @@ def test_compiled_bf16_training_step_never_waits_for_the_device():
         opt.zero_grad(set_to_none=True)
         counts = raw.pop_expert_counts()
         raw.update_router_bias(counts)
-        return torch.cat([loss.detach().view(1), norm.view(1), counts.flatten()])
+        return torch.cat([losses.total.detach().view(1), norm.view(1), counts.flatten()])
 
     first = step().cpu()  # compiles; the first step may sync
     torch.cuda.synchronize()
@@ -97,16 +95,15 @@ def test_compiled_bf16_training_step_never_waits_for_the_device():
 
 
 @cuda
-def test_train_py_with_its_gpu_defaults(tmp_path):
+def test_train_py_with_its_gpu_defaults(data, tmp_path):
     """train.py as a GPU user runs it: device, dtype and compile left to their defaults (cuda, bfloat16 or
     float16, torch.compile); the loss falls, and a resumed run continues from the checkpoint."""
-    data = write_dataset(str(tmp_path / "data"))
     args = [a for a in TINY if not a.startswith(("--device", "--compile"))] + MOE_ARGS + [f"--dataset={data}"]
     out = tmp_path / "out"
     train.main([*args, f"--out_dir={out}", "--max_iters=30", "--eval_interval=15", "--lr_decay_iters=40"])
     train.main([*args, f"--out_dir={out}", "--max_iters=40", "--eval_interval=15", "--lr_decay_iters=40",
                 "--init_from=resume"])
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    records = metrics(out)
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert [r["iter"] for r in records if "val_loss" in r] == [0, 15, 30, 40]
     assert val[-1] < val[0] - 1.0

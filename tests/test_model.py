@@ -1,6 +1,9 @@
 """model.py against independent computations: naive attention and MoE references, the causal
-structure, parameter and FLOP counts (decoding with the KV cache: test_generate.py)."""
+structure, parameter and FLOP counts, and the multi-token-prediction modules (DeepSeek-V3 section 2.2): their loss
+written out position by position, their causality, and mtp_depth=0 building the model it built before. Decoding
+with the KV cache and speculative decoding: test_generate.py; train.py with an MTP module: test_train.py."""
 
+import hashlib
 import math
 
 import pytest
@@ -10,32 +13,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import model
-from configurator import UserError, from_settings, read_file
+from configurator import from_settings, read_file
+from conftest import ARCHS, TINY_CONFIG, VARIANTS, randomize_router_bias, tiny
 from generate import KVCache
 from model import (ModelConfig, MoE, MultiHeadLatentAttention, GroupedQueryAttention, Transformer,
                    apply_rope, max_violation, rope_tables)
-
-TINY = dict(vocab_size=97, block_size=64, n_layer=2, n_embd=48, n_head=4, n_kv_head=2, intermediate_size=96,
-            kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, moe_intermediate_size=32)
-VARIANTS = {
-    "gqa": dict(attention="gqa"),
-    "mqa": dict(attention="gqa", n_kv_head=1),
-    "mla": dict(attention="mla", q_lora_rank=0),
-    "mla_qlora_moe": dict(attention="mla", q_lora_rank=16, n_routed_experts=6, n_activated_experts=2,
-                          n_shared_experts=1, first_k_dense=1),
-    "gqa_moe_softmax": dict(attention="gqa", n_routed_experts=5, n_activated_experts=3, n_shared_experts=0,
-                            first_k_dense=0, score_func="softmax", route_scale=2.0),
-}
-
-
-def tiny(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig(**{**TINY, **overrides})).eval()
-
-
-def randomize_router_bias(model, scale=0.3):
-    for moe in model.moe_layers():  # non-zero biases so that tests cover biased selection
-        moe.router.bias.uniform_(-scale, scale)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -90,7 +72,7 @@ def naive_attention(q, k, v, scale):
 
 
 def test_gqa_matches_naive_reference():
-    cfg = ModelConfig(**TINY)
+    cfg = ModelConfig(**TINY_CONFIG)
     torch.manual_seed(1)
     attn = GroupedQueryAttention(cfg)
     x = torch.randn(2, 10, cfg.n_embd)
@@ -120,7 +102,7 @@ def test_rope_rotates_pairs_of_halves():
 
 @pytest.mark.parametrize("q_lora_rank, v_head_dim", [(0, 12), (16, 12), (0, 8)])  # 8: narrower than q and k
 def test_mla_matches_naive_reference_and_absorbed_form(q_lora_rank, v_head_dim):
-    cfg = ModelConfig(**{**TINY, "attention": "mla", "q_lora_rank": q_lora_rank, "v_head_dim": v_head_dim})
+    cfg = ModelConfig(**{**TINY_CONFIG, "attention": "mla", "q_lora_rank": q_lora_rank, "v_head_dim": v_head_dim})
     torch.manual_seed(2)
     attn = MultiHeadLatentAttention(cfg)
     B, T, H = 2, 12, cfg.n_head
@@ -173,7 +155,7 @@ def experts_path(request, monkeypatch):
 
 @pytest.mark.parametrize("score_func,n_shared", [("sigmoid", 1), ("softmax", 0), ("sigmoid", 2)])
 def test_moe_matches_per_token_reference(score_func, n_shared, experts_path):
-    cfg = ModelConfig(**{**TINY, "n_routed_experts": 7, "n_activated_experts": 3, "n_shared_experts": n_shared,
+    cfg = ModelConfig(**{**TINY_CONFIG, "n_routed_experts": 7, "n_activated_experts": 3, "n_shared_experts": n_shared,
                          "score_func": score_func, "route_scale": 1.5})
     torch.manual_seed(3)
     moe = MoE(cfg)
@@ -201,7 +183,7 @@ def test_moe_matches_per_token_reference(score_func, n_shared, experts_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_moe_under_autocast_matches_float32(dtype, experts_path):
     """Mixed precision as a GPU runs it: the experts compute in half precision, the combine in float32."""
-    cfg = ModelConfig(**{**TINY, "n_routed_experts": 8, "n_activated_experts": 2})
+    cfg = ModelConfig(**{**TINY_CONFIG, "n_routed_experts": 8, "n_activated_experts": 2})
     torch.manual_seed(9)
     moe = MoE(cfg).train()
     x = torch.randn(2, 16, cfg.n_embd)
@@ -226,7 +208,7 @@ def test_moe_training_forward_is_one_graph_under_bf16():
 
 
 def test_bias_changes_selection_not_weights():
-    cfg = ModelConfig(**{**TINY, "n_routed_experts": 6, "n_activated_experts": 2, "route_scale": 2.5})
+    cfg = ModelConfig(**{**TINY_CONFIG, "n_routed_experts": 6, "n_activated_experts": 2, "route_scale": 2.5})
     torch.manual_seed(4)
     moe = MoE(cfg)
     x = torch.randn(64, cfg.n_embd)
@@ -240,7 +222,7 @@ def test_bias_changes_selection_not_weights():
 
 
 def test_loss_free_balancing_fixes_a_skewed_router():
-    cfg = ModelConfig(**{**TINY, "n_routed_experts": 8, "n_activated_experts": 2, "bias_update_rate": 0.01})
+    cfg = ModelConfig(**{**TINY_CONFIG, "n_routed_experts": 8, "n_activated_experts": 2, "bias_update_rate": 0.01})
     torch.manual_seed(5)
     moe = MoE(cfg).train()
     x = torch.randn(512, cfg.n_embd)
@@ -264,7 +246,7 @@ def test_loss_free_balancing_fixes_a_skewed_router():
 
 
 def test_sequence_aux_loss_matches_formula():
-    cfg = ModelConfig(**{**TINY, "n_routed_experts": 5, "n_activated_experts": 2, "aux_loss_alpha": 0.1})
+    cfg = ModelConfig(**{**TINY_CONFIG, "n_routed_experts": 5, "n_activated_experts": 2, "aux_loss_alpha": 0.1})
     torch.manual_seed(6)
     moe = MoE(cfg).train()
     x = torch.randn(2, 9, cfg.n_embd)
@@ -319,17 +301,6 @@ def test_float32_compile_runs_only_the_grouped_gemms_outside_the_graph():
     torch._dynamo.reset()
     assert torch.allclose(compiled_loss, loss, rtol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(compiled_grads, grads))
-
-
-def test_from_settings_takes_the_model_fields_and_checks_their_types():
-    cfg = from_settings(ModelConfig, {"n_layer": 3, "route_scale": 2, "batch_size": 8, "out_dir": "x"})
-    assert (cfg.n_layer, cfg.route_scale, cfg.n_embd) == (3, 2.0, ModelConfig().n_embd)  # ints widen to floats
-    with pytest.raises(UserError, match="config/x.py: n_layer must be int, got '3'"):
-        from_settings(ModelConfig, {"n_layer": "3"}, where="config/x.py")
-    with pytest.raises(UserError, match="bad ModelConfig settings: n_head .* multiple of n_kv_head"):
-        from_settings(ModelConfig, {"n_head": 6, "n_kv_head": 4})
-    with pytest.raises(UserError, match="does not know: batch_size"):
-        from_settings(ModelConfig, {"n_layer": 3, "batch_size": 8}, strict=True)
 
 
 def test_active_parameters_are_the_ones_a_token_s_forward_touches():
@@ -400,7 +371,7 @@ def test_eval_loss_has_no_stale_aux_loss():
 
 
 def test_router_scores_stay_float32_under_autocast():
-    cfg = ModelConfig(**{**TINY, "n_routed_experts": 6, "n_activated_experts": 2})
+    cfg = ModelConfig(**{**TINY_CONFIG, "n_routed_experts": 6, "n_activated_experts": 2})
     torch.manual_seed(8)
     moe = MoE(cfg)
     x = torch.randn(32, cfg.n_embd)
@@ -408,3 +379,136 @@ def test_router_scores_stay_float32_under_autocast():
         _, _, scores = moe.router(x)
     assert scores.dtype == torch.float32
     assert torch.allclose(scores, (x @ moe.router.weight.T).sigmoid(), atol=1e-6)
+
+
+# ---- multi-token prediction ----
+
+def rms(x, weight, eps=1e-5):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def masked_cross_entropy(logits, targets):
+    keep = targets != -1
+    return -logits.log_softmax(-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)[keep].mean()
+
+
+def naive_mtp_loss(model, idx, targets):
+    """DeepSeek-V3 eq. 21-25 written out: h'_i = W_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)] built position by
+    position for i + k inside the window, h^k = the shared final norm of the module's block output, the shared
+    head, cross-entropy against t_{i+k+1} = targets[i + k]. Returns (main + lambda / D * sum_k L_k, [L_k])."""
+    cfg, T = model.config, idx.size(1)
+    h = []
+    hook = model.layers[-1].register_forward_hook(lambda module, args, out: h.append(out))
+    with torch.no_grad():
+        logits, _ = model(idx)                                     # the hook keeps the last main block's output
+    hook.remove()
+    h_prev, losses = rms(h[0], model.norm.weight), []              # h^0: through the final norm, as the head reads it
+    for k, module in enumerate(model.mtp, 1):
+        n = T - k
+        inputs = [torch.cat([rms(model.tok_embeddings.weight[idx[:, i + k]], module.enorm.weight),
+                             rms(h_prev[:, i], module.hnorm.weight)], -1) @ module.eh_proj.weight.T for i in range(n)]
+        cos, sin = rope_tables(cfg.rope_dim, n, cfg.rope_theta)
+        with torch.no_grad():
+            h_prev = rms(module.block(torch.stack(inputs, 1), cos, sin), model.norm.weight)  # h^k, through the shared norm
+        y = torch.stack([targets[:, i + k] for i in range(n)], 1)
+        losses.append(masked_cross_entropy(model.lm_head(h_prev), y))
+    main = masked_cross_entropy(logits, targets)
+    return main + cfg.mtp_loss_weight / len(losses) * sum(losses), losses
+
+
+def state_digest(model):
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.skipif(not torch.__version__.startswith("2.13."), reason="the digest is of torch 2.13's random draws")
+def test_mtp_depth_0_builds_the_model_it_built_before_mtp():
+    """The digest of a seeded MLA + MoE model's state dict, taken with model.py before the MTP modules existed
+    (commit 103e4f8): the same names, shapes and initial draws, so earlier runs reproduce. The MTP modules,
+    built after the main model, leave its draws alone: with them, the main model's tensors are the same."""
+    plain = tiny(**ARCHS["mla_moe"])
+    assert state_digest(plain) == "8c36c46ce2646af57776cc3ec09ca1ebf405b4ab9413f5069e6c2f72ba619e02"
+    with_mtp = tiny(**ARCHS["mla_moe"], mtp_depth=2).state_dict()
+    main = {k: v for k, v in with_mtp.items() if not k.startswith("mtp.")}
+    assert main.keys() == plain.state_dict().keys() and all(torch.equal(v, plain.state_dict()[k]) for k, v in main.items())
+    assert {k.split(".")[1] for k in with_mtp.keys() - main.keys()} == {"0", "1"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mtp_loss_matches_a_naive_computation(arch):
+    model = tiny(**ARCHS[arch], mtp_depth=2, mtp_loss_weight=0.25)
+    randomize_router_bias(model)
+    idx = torch.randint(0, 97, (2, 20))
+    targets = torch.randint(0, 97, (2, 20))
+    targets[:, :3] = -1                                            # ignored, as by the main loss
+    targets[0, -1] = -1
+    with torch.no_grad():
+        _, terms = model(idx, targets)
+    expected, losses = naive_mtp_loss(model, idx, targets)
+    assert torch.allclose(terms.mtp, torch.stack(losses), atol=1e-5)
+    assert torch.allclose(terms.total, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mtp_modules_are_causal(arch):
+    """Module k at position i depends on the tokens up to i + k and no further."""
+    model = tiny(**ARCHS[arch], mtp_depth=2)
+    randomize_router_bias(model)
+    idx = torch.randint(0, 97, (2, 24))
+    i = 11
+
+    def mtp_logits(tokens):
+        with torch.no_grad():
+            return model.mtp_logits(*model.trunk(tokens))
+
+    before = mtp_logits(idx)
+    for k in (1, 2):
+        later = idx.clone()
+        later[:, i + k + 1:] = (idx[:, i + k + 1:] + torch.randint(1, 97, (2, 24 - i - k - 1))) % 97
+        assert torch.allclose(mtp_logits(later)[k - 1][:, :i + 1], before[k - 1][:, :i + 1], atol=1e-5)
+        at = idx.clone()
+        at[:, i + k] = (idx[:, i + k] + 1) % 97
+        after = mtp_logits(at)[k - 1]
+        assert torch.allclose(after[:, :i], before[k - 1][:, :i], atol=1e-5)
+        assert (after[:, i] - before[k - 1][:, i]).abs().amax() > 1e-3, "module k at i should read token i + k"
+
+
+def test_the_mtp_block_balances_like_the_other_moe_layers():
+    """The MTP block is numbered after the main layers, so it is MoE; its counts come from the training forward
+    (top-2 of T - 1 positions), its bias moves with the others, and its aux loss joins the loss."""
+    model = tiny(**ARCHS["mla_moe"], mtp_depth=1, aux_loss_alpha=0.1).train()
+    mtp_moe = model.mtp[0].block.ffn
+    assert model.moe_layers()[-1] is mtp_moe and len(model.moe_layers()) == 2
+    idx = torch.randint(0, 97, (2, 16))
+    logits, losses = model(idx, idx)
+    counts = model.pop_expert_counts()
+    assert counts.shape == (2, 6) and counts.sum(1).tolist() == [2 * 16 * 2, 2 * 15 * 2]
+    model.update_router_bias(counts)
+    assert torch.equal(mtp_moe.router.bias, 1e-3 * torch.sign(counts[1].mean() - counts[1]))
+    aux = model.moe_layers()[0].aux_loss + mtp_moe.aux_loss
+    expected = F.cross_entropy(logits.flatten(0, 1), idx.flatten()) + 0.3 * losses.mtp.mean() + aux
+    assert mtp_moe.aux_loss > 0 and torch.allclose(losses.total, expected) and torch.allclose(losses.aux, aux)
+
+
+def test_flops_per_token_counts_the_mtp_modules(monkeypatch):
+    """Against FlopCounterMode on a training forward: the MTP blocks, W_k and the shared head once more each."""
+    monkeypatch.setattr(model, "grouped_mm_runs", lambda device, dtype: False)  # the counter sees the loop's matmuls
+    T = 128  # long enough that the MTP modules' T - k positions round to T within 1%
+    net = tiny(**ARCHS["mla_moe"], tie_embeddings=False, block_size=T, mtp_depth=2)
+    idx = torch.randint(0, 97, (1, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(idx, idx)
+    assert net.flops_per_token(T) == pytest.approx(3 * counter.get_total_flops() / T, rel=0.02)
+    assert net.flops_per_token(T) > tiny(**ARCHS["mla_moe"], tie_embeddings=False, block_size=T).flops_per_token(T) * 1.5
+
+
+def test_active_parameters_include_the_mtp_module():
+    """As for the main model (test_active_parameters_are_the_ones_a_token_s_forward_touches): what a backward
+    through tokens routed to experts 1 and 4 reaches is what num_params(active=True) counts, the MTP module's block
+    (3 tokens: 2 MTP positions to attend over) included."""
+    net = tiny(**ARCHS["mla_moe"], aux_loss_alpha=0.1, mtp_depth=1).train()
+    assert touched_by_a_backward(net, 3) == net.num_params(active=True) < net.num_params()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.mtp.parameters())

@@ -3,8 +3,6 @@ line on stderr, non-zero exit, nothing touched)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,10 +10,9 @@ from tokenizers import Tokenizer
 
 import prepare
 from configurator import UserError
+from conftest import ROOT, run_python, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PREPARE = os.path.join(ROOT, "prepare.py")
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT, USE_TORCH="0")  # as prepare.py sets for itself
+ENV = dict(HF_HUB_OFFLINE="1", PYTHONPATH=ROOT, USE_TORCH="0")  # as prepare.py sets for itself
 
 
 def test_docstring_corpus_is_clean_deduplicated_and_deterministic():
@@ -57,10 +54,13 @@ def write_parquet(path, rows):
     return str(path)
 
 
-def run(cwd, *args, code=None):
-    """Run prepare.py (or `code`, a python program calling it) in `cwd`; the completed process."""
-    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, PREPARE, *args]
-    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=120)
+def run(cwd, *args, code=None, env=None):
+    """Run prepare.py (or `code`, a python program calling it) in `cwd`, with ENV and env added to the tests'
+    environment; the completed process."""
+    env = {**ENV, **(env or {})}
+    if code:
+        return run_python("-c", code, *args, cwd=cwd, env=env, timeout=120)
+    return run_script("prepare.py", *args, cwd=cwd, env=env, timeout=120)
 
 
 def shards(out_dir, split):
@@ -153,11 +153,7 @@ def test_killed_run_resumes_to_identical_bytes(corpus, reference):
     # writes: tokenizer.json, meta.json, shard, meta.json, ...: die in the 2nd shard; resumed with two workers,
     # die in the 5th meta.json; resumed with two workers again, finish
     for kill_at, workers in ((5, 1), (10, 2)):
-        ENV["KILL_AT"] = str(kill_at)
-        try:
-            proc = run(corpus["dir"], *args, f"--num_proc={workers}", code=KILL)
-        finally:
-            del ENV["KILL_AT"]
+        proc = run(corpus["dir"], *args, f"--num_proc={workers}", code=KILL, env={"KILL_AT": str(kill_at)})
         assert proc.returncode == -9
         meta = json.load(open(os.path.join(out, "meta.json")))
         got, want = all_bytes(out), all_bytes(reference)

@@ -3,7 +3,6 @@ against transformers' own GGUF loader, an implementation nobody here wrote."""
 
 import copy
 import functools
-import json
 import os
 
 import gguf
@@ -19,6 +18,7 @@ import pretrained
 import sample
 import train
 from configurator import UserError
+from conftest import metrics
 from generate import Sampling, generate
 from tokenizer import smollm2_gguf_path
 
@@ -127,7 +127,7 @@ def test_fine_tuning_smollm2_lowers_held_out_loss(loaded_once, held_out, tmp_pat
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert (ckpt["model_config"]["block_size"], ckpt["model_config"]["dropout"]) == (32, 0.1)
     assert ckpt["tokenizer"] == tokenizer.to_str()
-    val = [json.loads(line)["val_loss"] for line in open(out / "metrics.jsonl") if "val_loss" in line]
+    val = [r["val_loss"] for r in metrics(out) if "val_loss" in r]
     shard = np.fromfile(os.path.join(held_out, "val_00000.bin"), dtype=np.uint16).astype(np.int64)
     xy = torch.tensor(np.stack([shard[w:w + 33] for w in ckpt["val_windows"].flatten().tolist()]))
     with torch.no_grad():

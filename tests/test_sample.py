@@ -1,59 +1,35 @@
 """sample.py: the command line (streamed and batch output, precisions, the KV cache, speculative decoding), and each
 bad input. The decoding functions and samplers it calls are tested in test_generate.py."""
 
-import dataclasses
 import os
 import re
-import subprocess
-import sys
 
 import pytest
-import torch
 
 import sample
 import tokenizer
 from checkpoint import load_checkpoint, save_checkpoint
 from configurator import UserError, run_main
+from conftest import small, start_script, write_checkpoint
 from tokenizer import load_tokenizer
-from model import ModelConfig, Transformer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-TINY = dict(vocab_size=512, block_size=32, n_layer=2, n_embd=32, n_head=4)
-MODELS = {
-    "gqa": dict(attention="gqa", n_kv_head=2, intermediate_size=64),
-    "mla_moe": dict(attention="mla", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-                    intermediate_size=64, n_routed_experts=4, n_activated_experts=2, moe_intermediate_size=16),
-}
-
-
-def tiny(name, **change):
-    torch.manual_seed(0)
-    return Transformer(ModelConfig(**{**TINY, **MODELS[name], **change})).eval()
 
 
 # ---- the command line ----
 
-def run(*args):
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """A tiny trained-format checkpoint, and one whose every logit is equal, so greedy picks id 0 = <|endoftext|>."""
+    """Checkpoints of conftest's small models with the cosmo2 tokenizer, so that prompts are text: a dense one
+    (ckpt), one whose every logit is equal, so greedy picks id 0 = <|endoftext|> (eot), and two MLA + MoE ones (moe;
+    mtp, with an MTP module)."""
     root = tmp_path_factory.mktemp("sample")
     tokenizer = load_tokenizer("cosmo2")
     for name, kind in [("ckpt", "gqa"), ("eot", "gqa"), ("moe", "mla_moe"), ("mtp", "mla_moe")]:
-        model = tiny(kind, vocab_size=tokenizer.get_vocab_size(), tie_embeddings=False, mtp_depth=int(name == "mtp"))
+        model = small(kind, vocab_size=tokenizer.get_vocab_size(), tie_embeddings=False, mtp_depth=int(name == "mtp"))
         if name == "eot":
             model.norm.weight.data.zero_()
         if name in ("moe", "mtp"):  # a confident head: greedy choices far from ties, so that precision cannot flip them
             model.lm_head.weight.data *= 50
-        os.makedirs(root / name)
-        save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-                         "settings": {"dataset": "none"}, "tokenizer": tokenizer.to_str()}, str(root / name / "ckpt.pt"))
+        write_checkpoint(model, tokenizer, root / name)
     (root / "long.txt").write_text(" one two three four five six seven eight nine ten" * 10)  # 100 tokens
     return root
 
@@ -110,11 +86,11 @@ def test_bad_options(option, message, checkpoints, capsys):
 def test_bad_inputs(checkpoints):
     ckpt = f"--out_dir={checkpoints / 'ckpt'}"
     runs = [  # (process, the message on stderr)
-        (run("sample.py", f"--out_dir={checkpoints / 'missing'}"), "no checkpoint at"),
-        (run("sample.py", ckpt, "--start=FILE:/no/such/prompt.txt"), "--start=FILE:/no/such/prompt.txt: no such file"),
+        (start_script("sample.py", f"--out_dir={checkpoints / 'missing'}"), "no checkpoint at"),
+        (start_script("sample.py", ckpt, "--start=FILE:/no/such/prompt.txt"), "--start=FILE:/no/such/prompt.txt: no such file"),
     ]
     # too long a prompt is cropped from the left, with a note, and sampling goes on
-    long = run("sample.py", ckpt, f"--start=FILE:{checkpoints / 'long.txt'}", "--max_new_tokens=3")
+    long = start_script("sample.py", ckpt, f"--start=FILE:{checkpoints / 'long.txt'}", "--max_new_tokens=3")
     for proc, message in runs:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, err
@@ -134,7 +110,7 @@ def test_device_dtype_and_no_cache_from_the_command_line(checkpoints, capsys, mo
             "--stop_at_eot=False"]
     sample.main(args)
     cached = capsys.readouterr().out
-    proc = run("sample.py", *args, "--device=cpu", "--dtype=float32", "--kv_cache=False")
+    proc = start_script("sample.py", *args, "--device=cpu", "--dtype=float32", "--kv_cache=False")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert out == cached and "8 tokens in" in err and "(without KV cache, cpu, float32)" in err

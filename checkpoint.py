@@ -92,7 +92,8 @@ def save_checkpoint(ckpt, path):
 def load_checkpoint(path):
     """Load a checkpoint written by train.py onto the CPU, never with pickle; bad files raise UserError."""
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one first (init_from=scratch) or check out_dir")
+        raise UserError(f"no checkpoint at {path}: train one first (python train.py CONFIG) or pass the --out_dir of "
+                        "a trained run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

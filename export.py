@@ -74,10 +74,7 @@ def main(argv=None):
     if fmt == "hf" and outtype:
         raise UserError("--outtype is for --format=gguf; the transformers export keeps the checkpoint's float32")
     outtype = outtype or "f16"  # write_gguf refuses any other than OUTTYPES before it writes
-    ckpt_path = os.path.join(settings["out_dir"], "ckpt.pt")
-    if not os.path.isfile(ckpt_path):
-        raise UserError(f"no checkpoint at {ckpt_path}: train one first (python train.py) or pass --out_dir=DIR")
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(os.path.join(settings["out_dir"], "ckpt.pt"))
     model, tokenizer = model_from_checkpoint(ckpt), checkpoint_tokenizer(ckpt)
     mla = model.config.attention == "mla"
     if fmt == "hf":

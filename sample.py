@@ -77,11 +77,7 @@ def load(settings):
     """(model, tokenizer) as --init_from says."""
     if settings["init_from"] == "smollm2-135m":
         return pretrained.smollm2_135m()
-    path = os.path.join(settings["out_dir"], "ckpt.pt")
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one first (python train.py), pass --out_dir=DIR, "
-                        "or use --init_from=smollm2-135m")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(os.path.join(settings["out_dir"], "ckpt.pt"))
     return model_from_checkpoint(ckpt), checkpoint_tokenizer(ckpt)
 
 

@@ -6,7 +6,7 @@ Train a DeepSeek-style model (MLA + DeepSeekMoE, or dense GQA) with a hand-writt
     torchrun --standalone --nproc_per_node=8 train.py config/deepseek_moe.py
     python train.py config/cpu_moe.py --init_from=resume     # continue out_dir/ckpt.pt exactly
 
-Settings: the DEFAULTS below, then config files, then --key=value overrides (configurator.py). Every
+Settings: the TrainConfig below, then config files, then --key=value overrides (configurator.py). Every
 ModelConfig field is a setting too. `batch_size` is the micro-batch (sequences per forward pass) and
 `gradient_accumulation_steps` the number of micro-batches per optimizer step, both counted over the
 whole job: under DDP the ranks share the accumulation steps (or, when those do not divide, each
@@ -41,6 +41,7 @@ from device import DTYPES, Job, auto_cpu_dtype, autocast, cpu_matmul_peak, peak_
 from generate import Sampling, generate
 from model import ModelConfig, Transformer, cross_entropy, grouped_mm_runs, max_violation
 from progress import EvalResult, Progress, Rate, StepResult
+
 
 @dataclass
 class TrainConfig:
@@ -100,6 +101,10 @@ class TrainConfig:
     def tokens_per_step(self):
         return self.batch_size * self.gradient_accumulation_steps * self.model.block_size
 
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.out_dir, "ckpt.pt")
+
 
 def main(argv=None):
     cfg = configure(TrainConfig(), argv)
@@ -138,6 +143,16 @@ def make_job(cfg):
                micro_batch)
 
 
+def check_writable(out_dir):
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir {out_dir} ({e.strerror or type(e).__name__}): pick another --out_dir")
+
+
 @dataclass
 class Run:
     """One training run: what the loop reads and changes, kept together."""
@@ -151,11 +166,6 @@ class Run:
     stop: "Stop" = None
     tok: Tokenizer | None = None        # for samples and bits per byte (rank 0, where there is a tokenizer)
     val_bytes: int = 0                  # UTF-8 bytes of the validation text, for bits per byte (0: no tokenizer)
-
-    @property
-    def ckpt_path(self):
-        return os.path.join(self.cfg.out_dir, "ckpt.pt")
-
 
 
 def train(cfg, job):
@@ -178,7 +188,7 @@ def start_run(cfg, job):
     """The data, the model (from scratch, a checkpoint or pretrained weights), its precision, optimizer and state,
     and the lines that say what is about to happen."""
     data = open_dataset(cfg.dataset, cfg.model.block_size)
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")) if cfg.init_from == "resume" else None
+    ckpt = load_checkpoint(cfg.ckpt_path) if cfg.init_from == "resume" else None
     model, tokenizer = build_model(cfg, ckpt, data)
     model.to(job.device)
     dtype_note = ""
@@ -222,7 +232,7 @@ def build_model(cfg, ckpt, data):
         tokenizer = tok.to_str()
     elif ckpt is not None:
         model = model_from_checkpoint(ckpt)
-        check_same_model(cfg.model, model.config, f"checkpoint {cfg.out_dir}/ckpt.pt",
+        check_same_model(cfg.model, model.config, f"checkpoint {cfg.ckpt_path}",
                          ignore=("mtp_loss_weight",))
         # the MTP loss weight may change on resume (DeepSeek-V3 went from 0.3 to 0.1 for its last 4.8T tokens)
         model.config = dataclasses.replace(model.config, mtp_loss_weight=cfg.model.mtp_loss_weight)
@@ -392,7 +402,7 @@ def loop(run):
         result = optimizer_step(run)
         if not math.isfinite(result.loss):  # the weights in memory are spoiled, the checkpoint is not
             raise UserError(f"loss is {result.loss} at iteration {state.iter_num}; stopped without saving, "
-                            f"{run.ckpt_path} is the last good checkpoint (try a lower learning_rate)")
+                            f"{run.cfg.ckpt_path} is the last good checkpoint (try a lower learning_rate)")
         state.iter_num += 1
         state.tokens_seen += run.cfg.tokens_per_step
         run.stop.all_ranks = result.stop
@@ -417,7 +427,7 @@ def evaluation(run):
     result = evaluate(run)
     if not math.isfinite(result.loss):
         raise UserError(f"validation loss is {result.loss} at iteration {state.iter_num}; stopped without "
-                        f"saving, {run.ckpt_path} is the last good checkpoint")
+                        f"saving, {run.cfg.ckpt_path} is the last good checkpoint")
     if run.tok and run.cfg.sample_tokens:
         result.samples = generate_samples(run)
     run.progress.evaluation(state, result)
@@ -543,8 +553,8 @@ def save(run, reason):
     """Checkpoint the run at its last step; all ranks call it (for their RNG states), rank 0 writes."""
     rng = rng_states(run.job)
     if run.job.master:
-        save_state(run.ckpt_path, run.state, run.cfg, run.tokenizer, rng)
-        run.progress.say(f"saved {run.ckpt_path} at iteration {run.state.iter_num} ({reason})")
+        save_state(run.cfg.ckpt_path, run.state, run.cfg, run.tokenizer, rng)
+        run.progress.say(f"saved {run.cfg.ckpt_path} at iteration {run.state.iter_num} ({reason})")
 
 # -----------------------------------------------------------------------------
 # Ctrl-C and SIGTERM: back to the last step boundary, checkpoint, exit
@@ -594,18 +604,8 @@ def interrupted(run):
     if progressed:  # else nothing new: an earlier run's checkpoint stays as it is
         save(run, f"signal {signal.Signals(signum).name}")
     run.progress.say(f"interrupted at iteration {state.iter_num}; " + ("continue with --init_from=resume" if progressed
-                     else f"nothing new to save, {run.ckpt_path} is unchanged"))
+                     else f"nothing new to save, {run.cfg.ckpt_path} is unchanged"))
     raise SystemExit(128 + signum)
-
-
-def check_writable(out_dir):
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, ".write_test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to out_dir {out_dir} ({e.strerror or type(e).__name__}): pick another --out_dir")
 
 
 if __name__ == "__main__":

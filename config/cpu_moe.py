@@ -1,6 +1,6 @@
 # A small MLA + DeepSeekMoE model of the deepseek_moe family that trains on 2 CPU cores (the demo).
 # 3.5M parameters (3.1M of them the tied 49152 x 64 embedding), 3.3M active per token; 300 steps of
-# 8 x 128 tokens (307k tokens, half the offline corpus) take about 5 minutes on 2 idle cores.
+# 8 x 128 tokens (307k tokens, half the offline corpus).
 attention = "mla"
 vocab_size = 49152
 block_size = 128

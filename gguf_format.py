@@ -22,7 +22,6 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import torch
 
 from atomic import atomic_write
 from configurator import UserError

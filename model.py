@@ -4,12 +4,15 @@ A DeepSeek-style decoder-only Transformer in one file.
 - RMSNorm and RoPE (half-rotation layout, as in Llama: the rotary dims are split into two halves
   that are rotated against each other; DeepSeek's interleaved-pairs layout is a fixed permutation).
 - Attention: grouped-query attention (GQA; MHA and MQA are its two ends) or DeepSeek-V2/V3
-  multi-head latent attention (MLA), which caches one compressed latent per token.
+  multi-head latent attention (MLA), which caches one compressed latent per token. MLA's values, narrower than
+  its queries and keys, run unpadded where cuDNN's kernel takes unequal head sizes, and zero-padded elsewhere.
 - Feed-forward: SwiGLU, or DeepSeekMoE (shared + fine-grained routed experts) with the
   auxiliary-loss-free balancing of DeepSeek-V3 (a per-expert bias that steers selection only); the
   routed experts are stacked weights run with grouped GEMMs, without host syncs (torchtitan, nanochat).
 - Multi-token prediction (DeepSeek-V3): mtp_depth sequential modules predict the tokens after the next one; they
   add a weighted loss in training, and draft tokens for speculative decoding (generate.py).
+- The loss: the output head and the cross-entropy computed together over chunks of positions, so that the
+  logits of a whole batch (and their gradient) are never held (LinearCrossEntropy).
 
 The architecture and its loss only: decoding, the KV cache and the samplers live in generate.py.
 
@@ -17,6 +20,8 @@ References: nanoGPT's model.py (structure), DeepSeek-V3 inference/model.py and t
 papers (MLA, MoE, loss-free balancing), Llama / SmolLM2 (GQA, RoPE, SwiGLU).
 """
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -24,11 +29,12 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 49152          # cosmo2 tokenizer
+    vocab_size: int = 0              # tokens; 0 = the dataset's (train.py reads meta.json), cosmo2's is 49152
     block_size: int = 1024           # longest sequence (RoPE table size)
     n_layer: int = 12                # transformer blocks
     n_embd: int = 768                # model width
@@ -112,6 +118,27 @@ def apply_rope(x, cos, sin):
     return (xf * cos + xf.roll(x.size(-1) // 2, dims=-1) * sin).type_as(x)
 
 
+@torch.compiler.assume_constant_result  # a fact about the machine: no graph break, no guard
+@functools.cache  # asked once per device, dtype and head sizes
+def unpadded_attention_runs(device, dtype, qk_dim, v_dim):
+    """Whether attend runs a value head smaller than the query/key head (MLA: 128 and 192 in DeepSeek-V3) unpadded,
+    with cuDNN's fused kernel: on CUDA GPUs where PyTorch's own check, which knows the GPU and the cuDNN version,
+    accepts these head sizes in this dtype, forward and backward. Elsewhere (CPUs, whose flash kernel needs one head
+    size; float32; older GPUs or cuDNN) attend pads the values to the query's size: (qk_dim - v_dim) / v_dim more
+    work on them, but a fused kernel instead of the slow math fallback."""
+    if device.type != "cuda" or not torch.backends.cuda.cudnn_sdp_enabled():
+        return False
+    # a causal training-shaped probe, with gradients: the backward's limits count too
+    q = torch.zeros(1, 1, 256, qk_dim, device=device, dtype=dtype, requires_grad=True)
+    v = torch.zeros(1, 1, 256, v_dim, device=device, dtype=dtype, requires_grad=True)
+    return torch.backends.cuda.can_use_cudnn_attention(torch.backends.cuda.SDPAParams(q, q, v, None, 0.0, True, False))
+
+
+# SDPA's kernels for unpadded values, in the order tried: cuDNN's, then the memory-efficient one (which takes unequal
+# head sizes too, should cuDNN refuse a call's shapes), then the math fallback (the only one on a CPU)
+UNEQUAL_HEAD_KERNELS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def attend(q, k, v, start_pos, *, scale=None, dropout_p=0.0):
     """Causal attention of q, k [B, H or Hkv, T or S, d] over v [B, Hkv, S, dv <= d], S = start_pos + T.
 
@@ -119,7 +146,9 @@ def attend(q, k, v, start_pos, *, scale=None, dropout_p=0.0):
     shared by groups of query heads (GQA) without being repeated in memory.
     """
     T, S, dv = q.size(2), k.size(2), v.size(-1)
-    if dv < q.size(-1):  # SDPA's fused kernels need one head size (else a slow fallback): zero-pad v
+    unequal = dv < q.size(-1)
+    if unequal and not unpadded_attention_runs(q.device, q.dtype, q.size(-1), dv):
+        # zero-padded values give zero outputs past dv: one head size, so that SDPA's fused kernels run
         return attend(q, k, F.pad(v, (0, q.size(-1) - dv)), start_pos, scale=scale, dropout_p=dropout_p)[..., :dv]
     if start_pos == 0:  # training and prefill: the usual lower-triangular mask
         mask, is_causal = None, T > 1
@@ -127,8 +156,9 @@ def attend(q, k, v, start_pos, *, scale=None, dropout_p=0.0):
         mask, is_causal = None, False
     else:  # a chunk appended to a cache: the mask is aligned to the bottom right
         mask, is_causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(start_pos), False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                          dropout_p=dropout_p, enable_gqa=k.size(1) != q.size(1))
+    with sdpa_kernel(UNEQUAL_HEAD_KERNELS, set_priority=True) if unequal else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              dropout_p=dropout_p, enable_gqa=k.size(1) != q.size(1))
 
 
 class GroupedQueryAttention(nn.Module):
@@ -296,6 +326,11 @@ def _grouped_mm_eager(a, b, offs):
     return F.grouped_mm(a, b, offs=offs)
 
 
+def compute_dtype(x):
+    """The dtype x's matmuls run in: autocast's where it is on (what it would cast to), else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 class Experts(nn.Module):
     """The routed experts' SwiGLU weights, stacked: expert e computes down[e](silu(gate[e] x) * up[e] x).
 
@@ -313,7 +348,7 @@ class Experts(nn.Module):
 
     def forward(self, x, counts):
         """x [M, D]: rows sorted by expert, counts[e] of them for expert e (a device tensor) -> [M, D]."""
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = compute_dtype(x)
         return self.grouped(x, counts, dtype) if grouped_mm_runs(x.device, dtype) else self.looped(x, counts)
 
     def grouped(self, x, counts, dtype):
@@ -425,10 +460,78 @@ class MTPModule(nn.Module):
         return self.block(x, cos, sin, cache=cache, start_pos=start_pos)
 
 
-def cross_entropy(logits, targets, reduction="mean"):
-    """Cross-entropy of logits [B, T, vocab] against targets [B, T], in float32: their mean over the targets that
-    are not -1, or (reduction="none") one per position [B * T]."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
+# logits per chunk of positions in the loss: 512 MiB in float32, whatever the batch. Smaller chunks hold less memory
+# but add up the float32 weight gradient [vocab, D] more often, a memory-bound pass each: config/smollm2_135m.py's
+# micro-batch of 32,768 positions takes 12 passes over its 113 MB at this size, 48 at 2 ** 25
+LOSS_CHUNK = 2 ** 27
+
+
+def head_chunk(h, w, targets, backward):
+    """One chunk of LinearCrossEntropy: h [C, D] and the head's weight w [vocab, D] in the matmuls' dtype, targets [C]
+    -> (nats [C], and with backward the gradients of their sum, in float32: d/dh [C, D] and d/dw [vocab, D]). The
+    chunk's one large buffer, its logits [C, vocab], is freed on return, before the next chunk's is made."""
+    logits = (h @ w.t()).float()                                            # [C, vocab], in float32 for the softmax
+    keep = (targets != -1).unsqueeze(1)                                     # [C, 1]
+    target_logit = logits.gather(1, targets.clamp_min(0).unsqueeze(1))      # [C, 1]
+    top = logits.amax(-1, keepdim=True)                                     # [C, 1]
+    e = logits.sub_(top).exp_()                                             # exp(logits - top), in place
+    total = e.sum(-1, keepdim=True)                                         # [C, 1]
+    nats = ((top + total.log() - target_logit) * keep).squeeze(1)           # logsumexp - the target's logit
+    if not backward:
+        return nats, None, None
+    # d nats / d logits = softmax - onehot, 0 at ignored positions: unscaled by the 1 / count of the mean, so that
+    # a float16 matmul keeps the small probabilities (LinearCrossEntropy scales in float32)
+    g = e.div_(total).scatter_add_(1, targets.clamp_min(0).unsqueeze(1), -keep.float()).mul_(keep).to(w.dtype)
+    return nats, (g @ w).float(), (g.t() @ h).float()
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The output head and the cross-entropy together, over chunks of positions, so that the logits [N, vocab] and
+    their gradient never exist whole (16 x 1024 x 49152 float32 logits are 3.2 GB, and their gradient as much).
+
+    Each chunk's gradient is computed in the forward, while its logits are at hand (as Liger-Kernel's fused linear
+    cross-entropy does): d loss / d logits = softmax(logits) - onehot(target) needs nothing from later layers, since
+    the loss is the last operation. The backward then only scales the stored gradients of h [N, D] and of the weight
+    [vocab, D], which are the sizes of h and the weight. Recomputing each chunk's logits in the backward instead
+    would keep no less memory and cost a third more of the head's FLOPs (four N x D x vocab matmuls, not three).
+    The gradients are computed for the loss, a scalar; nats is not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, backward):
+        """h [N, D], weight [vocab, D], targets [N] (-1: no target); backward: whether to compute the gradients ->
+        (the mean cross-entropy over the targets that are not -1, nats [N]: the cross-entropy per position, 0 at -1)."""
+        dtype = compute_dtype(h)
+        w = weight.to(dtype)                                                # cast once, as autocast would per matmul
+        rows = max(1, LOSS_CHUNK // weight.size(0))
+        nats, grad_h, grad_w = [], [], torch.zeros(weight.shape, device=h.device) if backward else None
+        for hc, t in zip(h.split(rows), targets.split(rows)):
+            chunk_nats, chunk_grad_h, chunk_grad_w = head_chunk(hc.to(dtype), w, t, backward)
+            nats.append(chunk_nats)
+            if backward:
+                grad_h.append(chunk_grad_h)
+                grad_w += chunk_grad_w                                      # summed in float32
+        nats = torch.cat(nats)
+        count = (targets != -1).sum()
+        if backward:
+            ctx.save_for_backward(torch.cat(grad_h) / count, grad_w / count)
+            ctx.dtypes = h.dtype, weight.dtype
+        ctx.mark_non_differentiable(nats)
+        return nats.sum() / count, nats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_nats):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1]), None, None
+
+
+def linear_cross_entropy(h, weight, targets):
+    """The cross-entropy of the output head weight [vocab, D] over h [B, T, D] against targets [B, T] (-1: no
+    target), without the logits [B, T, vocab] ever held whole -> (the mean over the targets that are not -1,
+    differentiable; nats [B, T]: each position's cross-entropy, 0 where the target is -1, not differentiable)."""
+    backward = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    loss, nats = LinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten(), backward)
+    return loss, nats.view_as(targets)
 
 
 class Losses(NamedTuple):
@@ -437,6 +540,7 @@ class Losses(NamedTuple):
     main: torch.Tensor                  # the next token's cross-entropy (what the val loss measures too)
     mtp: torch.Tensor                   # [mtp_depth] each MTP module's cross-entropy (empty without MTP)
     aux: torch.Tensor                   # the MoE layers' sequence-wise auxiliary losses, summed (0 without)
+    nats: torch.Tensor                  # [B, T] the main cross-entropy per position (0 at -1), for bits per byte
 
 
 class Transformer(nn.Module):
@@ -473,24 +577,25 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
     def forward(self, idx, targets=None):
-        """idx [B, T] -> (logits [B, T, vocab], Losses or None). With targets [B, T] (-1: no target), the loss terms:
-        the mean cross-entropy, the MTP modules' (DeepSeek-V3 eq. 25: their mean weighted by mtp_loss_weight joins
-        the total), and the MoE auxiliary losses of this forward (training only)."""
+        """idx [B, T] -> (logits [B, T, vocab], None) without targets. With targets [B, T] (-1: no target) -> (None,
+        Losses): the mean cross-entropy, the MTP modules' (DeepSeek-V3 eq. 25: their mean weighted by mtp_loss_weight
+        joins the total), and the MoE auxiliary losses of this forward (training only). The losses come from the
+        output head chunk by chunk (linear_cross_entropy): the logits of a whole batch are never held."""
         h, emb = self.trunk(idx)
-        logits = self.lm_head(h)
         if targets is None:
-            return logits, None
-        main = total = cross_entropy(logits, targets)
+            return self.lm_head(h), None
+        main, nats = linear_cross_entropy(h, self.lm_head.weight, targets)
+        total = main
         mtp = main.new_zeros(0)
         if self.mtp:
-            mtp = torch.stack([cross_entropy(mtp_logits, targets[:, k:])
-                               for k, mtp_logits in enumerate(self.mtp_logits(h, emb), 1)])
+            mtp = torch.stack([linear_cross_entropy(h_k, self.lm_head.weight, targets[:, k:])[0]
+                               for k, h_k in enumerate(self.mtp_states(h, emb), 1)])
             total = total + self.config.mtp_loss_weight * mtp.mean()  # (lambda / D) sum_k L_k
         aux = main.new_zeros(())
         for moe in self.moe_layers():
             if moe.aux_loss is not None:
                 total, aux = total + moe.aux_loss, aux + moe.aux_loss
-        return logits, Losses(total, main, mtp, aux)
+        return None, Losses(total, main, mtp, aux, nats)
 
     def trunk(self, idx, caches=None, start_pos=0):
         """idx [B, T] at positions start_pos.. -> h^0 [B, T, D], the last block's output through the final norm
@@ -508,16 +613,16 @@ class Transformer(nn.Module):
     def rope(self, start_pos, T):
         return self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
 
-    def mtp_logits(self, h, emb):
-        """The MTP modules over a window, from trunk's h = h^0 and emb [B, T, D]: module k's logits [B, T - k, vocab]
-        at position i come from h^{k-1}_i and the embedding of token i + k, and predict token i + k + 1 (the
-        target at i + k). A module has no position whose token i + k lies past the window (no wrap-around), so
-        each has one position fewer than the one before."""
-        T, logits = h.size(1), []
+    def mtp_states(self, h, emb):
+        """The MTP modules over a window, from trunk's h = h^0 and emb [B, T, D]: module k's output h^k [B, T - k, D]
+        (through the final norm, what the output head reads) at position i comes from h^{k-1}_i and the embedding of
+        token i + k, and predicts token i + k + 1 (the target at i + k). A module has no position whose token i + k
+        lies past the window (no wrap-around), so each has one position fewer than the one before."""
+        T, states = h.size(1), []
         for k, module in enumerate(self.mtp, 1):
             h = self.norm(module(h[:, :T - k], emb[:, k:], *self.rope(0, T - k)))  # h^k [B, T - k, D]
-            logits.append(self.lm_head(h))
-        return logits
+            states.append(h)
+        return states
 
     # ---- MoE balancing: the trainer's side of loss-free balancing ----
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import generate as generate_py
 from conftest import ARCHS, SMALL_MODELS, TINY_CONFIG, VARIANTS, randomize_router_bias, small, tiny
-from generate import (KVCache, Sampling, accept_drafts, generate, logits_of, sample_logits, speculate, stream,
+from generate import (KVCache, Sampling, accept_drafts, generate, next_logits, sample_logits, speculate, stream,
                       token_probs)
 from model import ModelConfig, Transformer
 
@@ -37,13 +37,15 @@ def test_cached_decoding_matches_full_forward(variant):
     with torch.no_grad():
         full, _ = model(seq)
         caches = [KVCache(64) for _ in model.layers]
-        steps = [logits_of(model, seq[:, :8], caches)]            # prefill
+        steps = [next_logits(model, seq[:, :8], caches)]          # prefill: the last position's logits
         pos = 8
         while pos < 30:                                            # 22 single-token steps
-            steps.append(logits_of(model, seq[:, pos:pos + 1], caches, start_pos=pos))
+            steps.append(next_logits(model, seq[:, pos:pos + 1], caches, start_pos=pos))
             pos += 1
-        steps.append(logits_of(model, seq[:, pos:], caches, start_pos=pos))  # a chunk appended to a cache
-    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-4)
+        h, _ = model.trunk(seq[:, pos:], caches, start_pos=pos)   # a chunk appended to a cache (speculate's)
+    assert torch.allclose(torch.stack(steps, 1), full[:, 7:30], atol=1e-4)
+    assert torch.allclose(model.lm_head(h), full[:, 30:], atol=1e-4)
+
 
 
 @pytest.mark.parametrize("variant", ["gqa", "mla_qlora_moe"])
@@ -240,6 +242,19 @@ def test_speculative_greedy_is_plain_greedy_token_for_token(name, walker):
         assert 0.2 * stats["drafted"] < stats["accepted"] < 0.9 * stats["drafted"], stats
 
 
+def test_decoding_runs_the_output_head_on_the_sampled_positions_only(walker):
+    """A prompt's logits are the last position's (plain decoding), or the newest token's and the drafts' (speculative
+    decoding: one row per draft and one more, one per MTP module drafting): never the whole prompt's."""
+    rows = []
+    hook = walker.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+    prompt = walk(1, 20, torch.Generator().manual_seed(3))
+    list(stream(walker, prompt, 6, GREEDY))
+    assert rows == [1] * 6
+    rows.clear()
+    list(speculate(walker, prompt, 12, GREEDY))
+    hook.remove()
+    assert rows[0] == 1 and 1 < max(rows) <= 1 + len(walker.mtp), rows
+
 def test_drafts_are_the_mtp_modules_over_the_whole_sequence(walker, monkeypatch):
     """Every round's drafts come from the MTP modules' own caches, which hold positions computed from refused
     drafts until they are redone. A whole forward of the sequence so far, without caches, gives the same
@@ -260,7 +275,8 @@ def test_drafts_are_the_mtp_modules_over_the_whole_sequence(walker, monkeypatch)
     for seq, drafts, q in rounds:
         for k in range(1, drafts.size(1) + 1):
             with torch.no_grad():
-                logits = walker.mtp_logits(*walker.trunk(torch.cat([seq, drafts[:, :k - 1]], 1)))[k - 1][:, -1]
+                states = walker.mtp_states(*walker.trunk(torch.cat([seq, drafts[:, :k - 1]], 1)))
+                logits = walker.lm_head(states[k - 1][:, -1])
             assert torch.allclose(q[k - 1], token_probs(logits, Sampling(1.0, 20)), atol=1e-5)
             assert q[k - 1, drafts[0, k - 1]] > 0
 

@@ -52,8 +52,9 @@ def test_loss_ignores_minus_one_targets():
     targets = torch.randint(0, 97, (2, 16))
     targets[:, :5] = -1
     with torch.no_grad():
-        logits, loss = model(idx, targets)
+        _, loss = model(idx, targets)
         loss = loss.total
+        logits, _ = model(idx)
     keep = targets != -1
     expected = -logits.log_softmax(-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)[keep].mean()
     assert torch.allclose(loss, expected, atol=1e-5)
@@ -100,8 +101,17 @@ def test_rope_rotates_pairs_of_halves():
             assert torch.isclose(out[pos, i + d // 2], b * math.cos(angle) + a * math.sin(angle), atol=1e-5)
 
 
+@pytest.fixture(params=["padded", "unpadded"])
+def values(request, monkeypatch):
+    """Both ways attend runs values narrower than the queries: zero-padded (CPUs), and as they are, as cuDNN's kernel
+    runs them on a GPU (on a CPU the same call, unpadded, goes to SDPA's math kernel)."""
+    if request.param == "unpadded":
+        monkeypatch.setattr(model, "unpadded_attention_runs", lambda device, dtype, qk_dim, v_dim: True)
+    return request.param
+
+
 @pytest.mark.parametrize("q_lora_rank, v_head_dim", [(0, 12), (16, 12), (0, 8)])  # 8: narrower than q and k
-def test_mla_matches_naive_reference_and_absorbed_form(q_lora_rank, v_head_dim):
+def test_mla_matches_naive_reference_and_absorbed_form(q_lora_rank, v_head_dim, values):
     cfg = ModelConfig(**{**TINY_CONFIG, "attention": "mla", "q_lora_rank": q_lora_rank, "v_head_dim": v_head_dim})
     torch.manual_seed(2)
     attn = MultiHeadLatentAttention(cfg)
@@ -123,6 +133,52 @@ def test_mla_matches_naive_reference_and_absorbed_form(q_lora_rank, v_head_dim):
     absorbed = attn(x, cos, sin, cache=KVCache(T), start_pos=0)
     assert torch.allclose(expanded, expected, atol=1e-5)
     assert torch.allclose(absorbed, expanded, atol=1e-5)
+
+
+def test_unpadded_values_train_as_padded_ones(monkeypatch):
+    """The whole MLA + MoE model with values narrower than queries and keys (8 against 12): the loss and every
+    gradient are the same with the values padded and unpadded (SDPA then sees the values' own size), and torch.compile
+    captures the unpadded path (its choice of kernels included) in one graph."""
+    net = tiny(**{**ARCHS["mla_moe"], "v_head_dim": 8}).train()
+    idx = torch.randint(0, 97, (2, 16))
+    sdpa, value_sizes = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: value_sizes.append(v.size(-1)) or
+                        sdpa(q, k, v, **kw))
+    results = []
+    for unpadded in (False, True):
+        monkeypatch.setattr(model, "unpadded_attention_runs", lambda device, dtype, qk_dim, v_dim: unpadded)
+        loss = net(idx, idx)[1].total
+        results.append((loss, torch.autograd.grad(loss, list(net.parameters()))))
+    assert value_sizes == [12, 12, 8, 8]                            # two layers padded, then two not
+    (padded_loss, padded_grads), (loss, grads) = results
+    assert torch.allclose(loss, padded_loss, rtol=1e-6)
+    assert all(torch.allclose(g, p, rtol=1e-5, atol=1e-7) for g, p in zip(grads, padded_grads))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bfloat16: the experts' grouped GEMMs stay in the graph too
+        explained = torch._dynamo.explain(net)(idx, idx)
+    torch._dynamo.reset()
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cudnn_unpadded_attention_equals_padded_on_a_gpu():
+    """Where cuDNN takes DeepSeek-V3's head sizes (192 for queries and keys, 128 for values) unpadded, attend's
+    output and gradients are the padded kernel's, in bfloat16."""
+    device = torch.device("cuda")
+    if not model.unpadded_attention_runs(device, torch.bfloat16, 192, 128):
+        pytest.skip("cuDNN's attention does not take 192 / 128 head sizes here")
+    generator = torch.Generator(device).manual_seed(0)
+    q, k = (torch.randn(2, 4, 256, 192, device=device, generator=generator, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(2, 4, 256, 128, device=device, generator=generator, dtype=torch.bfloat16)
+    outputs = []
+    for pad in (False, True):
+        qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+        v_in = F.pad(qkv[2], (0, 64)) if pad else qkv[2]          # padded by hand: attend then sees one head size
+        out = model.attend(qkv[0], qkv[1], v_in, 0)[..., :128]
+        out.float().square().sum().backward()
+        outputs.append([out, *(t.grad for t in qkv)])
+    for unpadded, padded in zip(*outputs):
+        assert ((unpadded.float() - padded.float()).norm() / padded.float().norm()).item() < 1e-2
 
 
 def swiglu(x, gate_up, down):
@@ -364,8 +420,9 @@ def test_eval_loss_has_no_stale_aux_loss():
     idx = torch.randint(0, 97, (2, 16))
     _, train_loss = model(idx, idx)
     train_loss = train_loss.total
-    logits, train_ce = model.eval()(idx, idx)
+    _, train_ce = model.eval()(idx, idx)
     train_ce = train_ce.total
+    logits, _ = model(idx)
     assert torch.allclose(train_ce, F.cross_entropy(logits.flatten(0, 1), idx.flatten()))
     assert train_loss.item() != pytest.approx(train_ce.item())  # the aux loss was there when training
 
@@ -462,7 +519,7 @@ def test_mtp_modules_are_causal(arch):
 
     def mtp_logits(tokens):
         with torch.no_grad():
-            return model.mtp_logits(*model.trunk(tokens))
+            return [model.lm_head(h) for h in model.mtp_states(*model.trunk(tokens))]
 
     before = mtp_logits(idx)
     for k in (1, 2):
@@ -483,7 +540,9 @@ def test_the_mtp_block_balances_like_the_other_moe_layers():
     mtp_moe = model.mtp[0].block.ffn
     assert model.moe_layers()[-1] is mtp_moe and len(model.moe_layers()) == 2
     idx = torch.randint(0, 97, (2, 16))
-    logits, losses = model(idx, idx)
+    with torch.no_grad():
+        logits, _ = model.eval()(idx)                              # eval: counts nothing; no dropout, same numbers
+    _, losses = model.train()(idx, idx)
     counts = model.pop_expert_counts()
     assert counts.shape == (2, 6) and counts.sum(1).tolist() == [2 * 16 * 2, 2 * 15 * 2]
     model.update_router_bias(counts)

@@ -28,7 +28,7 @@ test: $(VENV)/.dev
 
 demo: $(VENV)/.runtime
 	$(PY) prepare.py
-	$(PY) train.py config/cpu_moe.py
+	$(PY) train.py config/cpu_moe.py --overwrite=True  # the demo replaces its own earlier run
 	$(PY) plot.py out/cpu_moe
 	$(PY) sample.py --out_dir=out/cpu_moe --start "Once upon a time" --max_new_tokens=100
 

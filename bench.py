@@ -44,27 +44,29 @@ from device import autocast, peak_flops, pick_device, pick_dtype
 from generate import KVCache, Sampling, generate, speculate
 from hf_format import hf_config, hf_tensors
 from model import MLP, ModelConfig, MoE, Transformer, swiglu
+from tokenizer import COSMO2_VOCAB
 
-DEFAULTS = dict(
-    device="auto",                      # auto: cuda, then mps, then cpu
-    dtype="auto",                       # auto: bfloat16 autocast on GPUs that support it, float32 on CPU
-    compile=False,                      # torch.compile our model (transformers' stays eager)
-    quick=False,                        # fewer repetitions and shorter generations
-    dense_config="config/bench_dense.py",  # dense GQA (compared with LlamaForCausalLM)
-    moe_config="config/bench_moe.py",      # MLA + MoE (compared with DeepseekV3ForCausalLM)
-    batch_size=8,                       # training-step batch
-    block_size=128,                     # training-step sequence length
-    gen_tokens=64,                      # new tokens per generation
-    moe_tokens=2048,                    # tokens through the MoE layer alone
-    prepare=True,                       # also time prepare.py's tokenizer on the offline corpus
-    out="bench.json",
-)
+@dataclass
+class BenchConfig:
+    """bench.py's settings (configurator.py: --key=value)."""
+    device: str = "auto"                # auto: cuda, then mps, then cpu
+    dtype: str = "auto"                 # auto: bfloat16 autocast on GPUs that support it, float32 on CPU
+    compile: bool = False               # torch.compile our model (transformers' stays eager)
+    quick: bool = False                 # fewer repetitions and shorter generations
+    dense_config: str = "config/bench_dense.py"  # dense GQA (compared with LlamaForCausalLM)
+    moe_config: str = "config/bench_moe.py"      # MLA + MoE (compared with DeepseekV3ForCausalLM)
+    batch_size: int = 8                 # training-step batch
+    block_size: int = 128               # training-step sequence length
+    gen_tokens: int = 64                # new tokens per generation
+    moe_tokens: int = 2048              # tokens through the MoE layer alone
+    prepare: bool = True                # also time prepare.py's tokenizer on the offline corpus
+    out: str = "bench.json"             # where the results go (JSON)
 
 
 @dataclass
 class Bench:
     """What every section needs: the settings, where it runs and in what precision, and the peak for MFU."""
-    settings: dict
+    settings: BenchConfig
     device: torch.device
     dtype: str
     peak: float | None = None
@@ -113,10 +115,10 @@ def twins(cfg, device):
 
 def train_step_bench(ours, hf, cfg, bench):
     settings, device, peak = bench.settings, bench.device, bench.peak
-    B, T = settings["batch_size"], cfg.block_size
+    B, T = settings.batch_size, cfg.block_size
     x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     y = torch.randint(0, cfg.vocab_size, (B, T), device=device)
-    compiled = torch.compile(ours) if settings["compile"] else ours
+    compiled = torch.compile(ours) if settings.compile else ours
 
     def step(model, loss_of):
         # fused, as train.py and transformers' Trainer use it
@@ -132,7 +134,7 @@ def train_step_bench(ours, hf, cfg, bench):
 
     ours_step = step(compiled, lambda m: m(x, y)[1].total)
     hf_step = step(hf, lambda m: m(input_ids=x, labels=x).loss)  # labels shifted inside: T-1 targets
-    reps = 5 if settings["quick"] else 9
+    reps = 5 if settings.quick else 9
     rows = {}
     seconds = timed([ours_step, hf_step], reps, warmup=2, sync=bench.sync)
     for name, s in zip(("ours", "transformers"), seconds):
@@ -154,7 +156,7 @@ def kv_bytes_per_token(ours, hf, cfg, device):
 
 def generation_bench(ours, hf, cfg, bench):
     settings, device = bench.settings, bench.device
-    n_new = 32 if settings["quick"] else settings["gen_tokens"]
+    n_new = 32 if settings.quick else settings.gen_tokens
     reps = 5
     rows = {}
     for B in (1, 8):
@@ -188,8 +190,8 @@ def sorted_loop(moe, x):
 
 def moe_layer_bench(cfg, bench):
     settings, device, dtype, ctx = bench.settings, bench.device, bench.dtype, bench.ctx
-    reps = 3 if settings["quick"] else 7
-    N = settings["moe_tokens"]
+    reps = 3 if settings.quick else 7
+    N = settings.moe_tokens
     tol = 1e-4 if dtype == "float32" else 5e-2  # relative: float32, or half precision's 8 to 11 mantissa bits
     rows = {}
     for E, k in ((8, 2), (16, 2), (64, 6)):
@@ -232,7 +234,7 @@ def speculative_bench(cfg, bench):
     model = Transformer(replace(cfg, mtp_depth=1)).to(device)
     generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=device.type in ("cuda", "cpu"))
-    steps = 40 if settings["quick"] else 150
+    steps = 40 if settings.quick else 150
     for _ in range(steps):
         batch = counting(8, 33, generator).to(device)
         with ctx:
@@ -243,7 +245,7 @@ def speculative_bench(cfg, bench):
         model.update_router_bias(model.pop_expert_counts())
     trained = dict(train_steps=steps, loss=losses.total.item(), mtp_loss=losses.mtp[0].item())
     model.eval()
-    n_new = 32 if settings["quick"] else settings["gen_tokens"]
+    n_new = 32 if settings.quick else settings.gen_tokens
     prompt = counting(1, 16, generator).to(device)
     drafts, greedy = {}, Sampling(temperature=0)
     with ctx, torch.no_grad():
@@ -304,11 +306,11 @@ def table(results):
 
 
 def main(argv=None):
-    settings = configure(DEFAULTS, argv)
+    settings = configure(BenchConfig(), argv)
     if importlib.util.find_spec("transformers") is None:
         raise UserError("bench.py compares against transformers: pip install -r requirements-dev.txt")
-    device = pick_device(settings["device"])
-    dtype = pick_dtype(settings["dtype"], device)
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
     peak, peak_note = peak_flops(device, dtype)
     bench = Bench(settings, device, dtype, peak)
     results = dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -316,9 +318,10 @@ def main(argv=None):
                            + (f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
                            + f", {dtype}",
                    peak=peak_note, peak_flops=peak, train={}, generate={}, kv_bytes_per_token={},
-                   moe_tokens=settings["moe_tokens"])
-    for family, path in (("dense GQA", settings["dense_config"]), ("MLA + MoE", settings["moe_config"])):
-        cfg = from_settings(ModelConfig, {**read_file(path), "block_size": settings["block_size"]}, where=path)
+                   moe_tokens=settings.moe_tokens)
+    for family, path in (("dense GQA", settings.dense_config), ("MLA + MoE", settings.moe_config)):
+        settings_of = {"vocab_size": COSMO2_VOCAB, **read_file(path), "block_size": settings.block_size}
+        cfg = from_settings(ModelConfig, settings_of, where=path)  # a training preset's vocabulary is its data's
         print(f"{family}: {path}, {cfg.n_layer} layers, width {cfg.n_embd}", file=sys.stderr)
         ours, hf = twins(cfg, device)
         ours.eval(), hf.eval()  # generation first, while both still hold the same weights
@@ -329,10 +332,10 @@ def main(argv=None):
         if family == "MLA + MoE":
             results["moe_layer"] = moe_layer_bench(cfg, bench)
             results["speculative"] = speculative_bench(cfg, bench)
-    if settings["prepare"]:
-        results["prepare"] = prepare_bench(settings["quick"])
+    if settings.prepare:
+        results["prepare"] = prepare_bench(settings.quick)
     print(table(results))
-    with open(settings["out"], "w") as f:
+    with open(settings.out, "w") as f:
         json.dump(results, f, indent=2)
 
 

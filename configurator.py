@@ -1,9 +1,9 @@
 """
 nanoGPT-style configuration, shared by every script.
 
-A script declares its settings as a dict of defaults, or as a dataclass whose fields are the settings (train.py's
-TrainConfig: a nested dataclass field, its ModelConfig, contributes its fields under their own names), then calls
-`configure(defaults, argv)`:
+A script declares its settings as a dataclass whose fields are the settings, each with its default and a comment
+saying what it means (train.py's TrainConfig: a nested dataclass field, its ModelConfig, contributes its fields under
+their own names), then calls `configure(defaults, argv)` (which also takes a plain dict of defaults):
 
     python train.py config/deepseek_moe.py --batch_size=8 --compile=False --start "Once upon a time" --quick
 
@@ -16,6 +16,9 @@ rather than a silent new global.
 Expected mistakes raise `UserError`; scripts run their `main` under `run_main`, which prints one
 line to stderr and exits non-zero instead of a traceback.
 
+`-h`/`--help` prints every setting with its default and the comment beside it in the dataclass's source (the
+one place a setting is declared), and exits.
+
 `read_file(path)` gives a config file's assignments unchecked, for readers that take only part of it;
 `from_settings(ModelConfig, settings)` takes the fields of a dataclass out of such a dict (or a script's
 settings, or a checkpoint's model_config) and checks them: the one route from settings to a model.
@@ -24,8 +27,12 @@ settings, or a checkpoint's model_config) and checks them: the one route from se
 import ast
 import dataclasses
 import difflib
+import inspect
+import io
 import os
 import sys
+import textwrap
+import tokenize
 
 
 class UserError(Exception):
@@ -33,12 +40,16 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Run `main()`, turning a UserError into `error: ...` on stderr and exit code 2."""
+    """Run `main()`, turning a UserError into `error: ...` on stderr and exit code 2, and a Ctrl-C that the script
+    does not handle itself (e.g. while a model is being built) into one line and exit code 130."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def first_line(e):
@@ -90,7 +101,7 @@ def read_file(path):
     """The assignments of a config file, {name: value}, leaving out names that start with _ and modules."""
     if not os.path.isfile(path):
         raise UserError(f"config file {path} does not exist (try one of config/*.py)")
-    namespace = {}
+    namespace = {"__file__": os.path.abspath(path)}  # a config may build on another beside it (finetune_smollm2.py)
     try:
         with open(path) as f:
             exec(compile(f.read(), path, "exec"), namespace)
@@ -120,9 +131,12 @@ def _apply_file(settings, path):
 def configure(defaults, argv=None):
     """Return a copy of `defaults` (a dict, or a dataclass instance) updated by the config files and overrides in
     `argv`; a dataclass's own checks (__post_init__) run on the result."""
-    if dataclasses.is_dataclass(defaults):
-        return rebuilt(defaults, configure(flat_fields(defaults), argv))
     argv = sys.argv[1:] if argv is None else list(argv)
+    if dataclasses.is_dataclass(defaults):
+        if "-h" in argv or "--help" in argv:
+            print(settings_help(defaults))
+            raise SystemExit(0)
+        return rebuilt(defaults, configure(flat_fields(defaults), argv))
     settings = dict(defaults)
     i = 0
     while i < len(argv):
@@ -163,3 +177,42 @@ def rebuilt(obj, flat):
         return dataclasses.replace(obj, **changes)
     except ValueError as e:
         raise UserError(f"bad {type(obj).__name__} settings: {e}") from None
+
+
+def field_comments(cls):
+    """{field: the comment beside it (and its indented continuation lines)} from a dataclass's source."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    body = next(t.end[1] for t in tokens if t.type == tokenize.INDENT)  # the class body's indentation
+    comments, field, in_statement = {}, None, False
+    for tok, following in zip(tokens, tokens[1:]):
+        if tok.type == tokenize.NAME and tok.start[1] == body and not in_statement:
+            field = tok.string if following.string == ":" else None  # a field, or a method/property
+            comments.setdefault(field, [])
+            in_statement = True
+        elif tok.type == tokenize.NEWLINE:
+            in_statement = False
+        elif tok.type == tokenize.COMMENT and field:
+            if in_statement or tok.start[1] > body:  # beside the field, or continuing that comment below it
+                comments[field].append(tok.string.lstrip("#").strip())
+            else:  # a section heading
+                field = None
+    return {k: " ".join(v) for k, v in comments.items() if k}
+
+
+def settings_help(obj):
+    """--help's text: every setting of the dataclass instance obj (a nested dataclass's fields under their own
+    names) with its default and meaning."""
+    lines = [f"usage: python {os.path.basename(sys.argv[0])} [CONFIG_FILE.py ...] [--key=value ...]", "",
+             "Config files (python assignments) apply in order, then --key=value. Settings, with their defaults:"]
+
+    def add(obj):
+        comments = field_comments(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                add(value)
+                continue
+            lines.append(f"  --{f.name}={value!r}".ljust(34) + " " + comments.get(f.name, ""))
+    add(obj)
+    return "\n".join(lines)

@@ -5,6 +5,7 @@ as windows of block_size + 1 tokens whose last block_size tokens are the targets
 
 import json
 import os
+import shlex
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +86,25 @@ def open_dataset(name, block_size):
     tokenizer = open(tok_path).read() if os.path.isfile(tok_path) else None
     return Dataset(data_dir, meta, tokenizer, Split(data_dir, files["train"], block_size, "train"),
                    Split(data_dir, files["val"], block_size, "val"))
+
+
+def more_data(dataset, tokens):
+    """How to give a run `tokens` tokens without reading this dataset over and over: the prepare.py command that
+    extends it (prepare.py continues where its max_tokens stopped), or, where its corpus is used up, your own files."""
+    meta = dataset.meta
+    if meta.get("exhausted") or meta["source"].get("type") not in ("hub", "files") or "end" not in meta:
+        return ("this corpus has no more: add documents of your own (prepare.py --data_files=..., see the README's "
+                "'Your own data')")
+    args = [f"--name={os.path.basename(os.path.normpath(dataset.dir))}", f"--tokenizer={meta['tokenizer']}"]
+    if meta["source"]["type"] == "files":
+        args.append("--data_files=" + ",".join(f["path"] for f in meta["source"]["files"]))
+    args += [f"--{k}={v}" for k, v in meta["settings"].items() if k != "max_tokens" and (v or k != "num_docs")]
+    return f"extend it with `python prepare.py {shlex.join(args)} --max_tokens={tokens_to_prepare(tokens)}`"
+
+
+def tokens_to_prepare(reads):
+    """prepare.py's max_tokens for a run that reads `reads` tokens once: 1% more for the val split, whole millions."""
+    return -(-int(reads * 1.01) // 1_000_000) * 1_000_000
 
 
 def text_bytes(tok, split, val_windows, eot):

@@ -19,6 +19,7 @@ are in hf_format.py and gguf_format.py; a model a format cannot represent is ref
 
 import json
 import os
+from dataclasses import dataclass
 
 from safetensors.torch import save_file
 
@@ -29,12 +30,14 @@ from gguf_format import write_gguf
 from hf_format import hf_config, hf_tensors
 from tokenizer import eot_id
 
-DEFAULTS = dict(
-    out_dir="out",  # the directory holding ckpt.pt
-    format="hf",    # "hf" (a transformers directory) or "gguf" (one file for llama.cpp)
-    outtype="",     # gguf only: f32, f16, bf16 or q8_0; "" means f16
-    output="",      # where to write; "" means out_dir/hf or out_dir/model-{outtype}.gguf
-)
+
+@dataclass
+class ExportConfig:
+    """export.py's settings (configurator.py: --key=value)."""
+    out_dir: str = "out"                # the directory holding ckpt.pt
+    format: str = "hf"                  # "hf" (a transformers directory) or "gguf" (one file for llama.cpp)
+    outtype: str = ""                   # gguf only: f32, f16, bf16 or q8_0; "" means f16
+    output: str = ""                    # where to write; "" means out_dir/hf or out_dir/model-{outtype}.gguf
 
 
 def write_json(path, obj):
@@ -67,22 +70,22 @@ def export_hf(model, tokenizer, hf_dir):
 
 
 def main(argv=None):
-    settings = configure(DEFAULTS, argv)
-    fmt, outtype = settings["format"], settings["outtype"]
+    settings = configure(ExportConfig(), argv)
+    fmt, outtype = settings.format, settings.outtype
     if fmt not in ("hf", "gguf"):
         raise UserError(f"--format={fmt}: use hf (a transformers directory) or gguf (llama.cpp)")
     if fmt == "hf" and outtype:
         raise UserError("--outtype is for --format=gguf; the transformers export keeps the checkpoint's float32")
     outtype = outtype or "f16"  # write_gguf refuses any other than OUTTYPES before it writes
-    ckpt = load_checkpoint(os.path.join(settings["out_dir"], "ckpt.pt"))
+    ckpt = load_checkpoint(os.path.join(settings.out_dir, "ckpt.pt"))
     model, tokenizer = model_from_checkpoint(ckpt), checkpoint_tokenizer(ckpt)
     mla = model.config.attention == "mla"
     if fmt == "hf":
-        output = settings["output"] or os.path.join(settings["out_dir"], "hf")
+        output = settings.output or os.path.join(settings.out_dir, "hf")
         export_hf(model, tokenizer, output)
         kind = "DeepseekV3ForCausalLM" if mla else "LlamaForCausalLM"
     else:
-        output = settings["output"] or os.path.join(settings["out_dir"], f"model-{outtype}.gguf")
+        output = settings.output or os.path.join(settings.out_dir, f"model-{outtype}.gguf")
         write_gguf(model, tokenizer, eot_id(tokenizer), output, outtype)
         kind = f"llama.cpp {'deepseek2' if mla else 'llama'}, {outtype}, {os.path.getsize(output) / 2**20:.1f} MiB,"
     mtp = sum(p.numel() for p in model.mtp.parameters())

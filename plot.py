@@ -73,6 +73,9 @@ def plot(records, title):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv in (["-h"], ["--help"]):  # its one setting is the run's directory
+        print(__doc__.strip())
+        raise SystemExit(0)
     if len(argv) != 1:
         raise UserError("usage: python plot.py OUT_DIR (the out_dir of a train.py run)")
     out_dir = argv[0]

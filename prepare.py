@@ -22,12 +22,14 @@ ending with the same bytes as an uninterrupted run.
 """
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import importlib.metadata
 import importlib.util
 import inspect
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -43,20 +45,37 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from atomic import atomic_write
-from configurator import UserError, configure, first_line, run_main
+from configurator import UserError, configure, first_line, read_file, run_main
+from data import tokens_to_prepare
 from tokenizer import eot_id, hub_reachable, load_tokenizer
 
-DEFAULTS = {
-    "name": "cosmopedia",         # output directory data/<name>/ (train.py's --dataset)
-    "data_files": "",             # local files instead of the Hub: paths or globs, comma-separated
-    "num_docs": 0,                # documents to take, val included (0: all)
-    "max_tokens": 20_000_000,     # tokens to write, val included (0: no limit); small, for a first run
-    "val_docs": 500,              # the first documents, held out for validation
-    "shard_tokens": 50_000_000,   # tokens per shard file (100 MB)
-    "num_proc": min(os.cpu_count() or 1, 8),  # tokenizer worker processes
-    "tokenizer": "cosmo2",        # "cosmo2", a tokenizer.json path, or "bpe:N"
-    "overwrite": False,           # replace what data/<name>/ holds instead of refusing or resuming
-}
+@dataclass
+class PrepareConfig:
+    """prepare.py's settings (configurator.py: --key=value)."""
+    name: str = "cosmopedia"            # output directory data/<name>/ (train.py's --dataset)
+    data_files: str = ""                # local files instead of the Hub: paths or globs, comma-separated
+    num_docs: int = 0                   # documents to take, val included (0: all)
+    max_tokens: int = 20_000_000        # tokens to write, val included (0: no limit); small, for a first run;
+                                        # a larger one later extends the dataset where this one stopped
+    for_config: str = ""                # a train.py config file: write the tokens its run reads (sets max_tokens)
+    val_docs: int = 500                 # the first documents, held out for validation
+    shard_tokens: int = 50_000_000      # tokens per shard file (100 MB)
+    num_proc: int = min(os.cpu_count() or 1, 8)  # tokenizer worker processes
+    tokenizer: str = "cosmo2"           # "cosmo2", a tokenizer.json path, or "bpe:N"
+    overwrite: bool = False             # replace what data/<name>/ holds instead of refusing or resuming
+
+    def __post_init__(self):
+        for key in ("num_docs", "max_tokens"):
+            if getattr(self, key) < 0:
+                raise UserError(f"--{key}={getattr(self, key)}: must be 0 (no limit) or positive")
+        for key in ("val_docs", "shard_tokens", "num_proc"):
+            if getattr(self, key) < 1:
+                raise UserError(f"--{key}={getattr(self, key)}: must be at least 1")
+        if self.num_docs and self.num_docs <= self.val_docs:
+            raise UserError(f"--num_docs={self.num_docs} leaves no train documents after --val_docs={self.val_docs}")
+        if not self.name or os.sep in self.name or self.name in (".", ".."):
+            raise UserError(f"--name={self.name!r}: give a plain directory name (the output is data/<name>/)")
+
 
 HUB_DATASET, HUB_CONFIG = "HuggingFaceTB/smollm-corpus", "cosmopedia-v2"
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
@@ -386,32 +405,23 @@ def write_shards(out_dir, meta, docs, limits):
                 fill, written, offset, part = fill + take, written + take, offset + take, part[take:]
                 if fill == S:
                     flush(*((doc + 1, 0) if offset == len(ids) else (doc, offset)))
+            if offset < len(ids):  # max_tokens cut this document: a larger one continues inside it
+                break
             doc, offset = doc + 1, 0
             doc_bar.update()
+        else:
+            meta["exhausted"] = True  # the corpus ended before max_tokens: there is no more to extend with
     if split == "val":
         raise UserError(f"the corpus ran out after {doc} documents (or --max_tokens={max_tokens} tokens) within "
                         f"the {val_docs} val documents: lower --val_docs (with --overwrite=True)")
-    flush(doc, 0)  # the last train shard
-    meta["docs"] = {"val": val_docs, "train": doc - val_docs}
+    flush(doc, offset)  # the last train shard
+    meta["docs"] = {"val": val_docs, "train": doc - val_docs + (offset > 0)}
     meta["complete"] = True
-    del meta["next"]
+    meta["end"] = meta.pop("next")  # where a larger max_tokens continues the stream
     write_meta(out_dir, meta)
     return written - start_written
 
 # -----------------------------------------------------------------------------
-
-def check_settings(settings):
-    for key in ("num_docs", "max_tokens"):
-        if settings[key] < 0:
-            raise UserError(f"--{key}={settings[key]}: must be 0 (no limit) or positive")
-    for key in ("val_docs", "shard_tokens", "num_proc"):
-        if settings[key] < 1:
-            raise UserError(f"--{key}={settings[key]}: must be at least 1")
-    if settings["num_docs"] and settings["num_docs"] <= settings["val_docs"]:
-        raise UserError(f"--num_docs={settings['num_docs']} leaves no train documents after --val_docs={settings['val_docs']}")
-    if not settings["name"] or os.sep in settings["name"] or settings["name"] in (".", ".."):
-        raise UserError(f"--name={settings['name']!r}: give a plain directory name (the output is data/<name>/)")
-
 
 @dataclass
 class Preparation:
@@ -430,7 +440,7 @@ def tokenize_corpus(settings, prep, pool):
     # read the first document before writing anything: an empty corpus or one without text ends here
     texts = prep.texts or open_texts(source)
     first = meta["next"]["doc"] if meta else 0
-    stream = islice(texts(), first, settings["num_docs"] or None)
+    stream = islice(texts(), first, settings.num_docs or None)
     head = list(islice(stream, 1))
     if not head and not first:
         raise UserError(f"the corpus is empty: no document with text in {source_name(source)}")
@@ -443,30 +453,67 @@ def tokenize_corpus(settings, prep, pool):
         clear(out_dir)  # with --overwrite: what an earlier preparation wrote
         with atomic_write(os.path.join(out_dir, "tokenizer.json"), "wb") as f:
             f.write(tok.to_str().encode())
-        meta = {"tokenizer": settings["tokenizer"], "tokenizer_sha256": fingerprint(tok),
+        meta = {"tokenizer": settings.tokenizer, "tokenizer_sha256": fingerprint(tok),
                 "vocab_size": tok.get_vocab_size(with_added_tokens=True), "eot_id": prep.eot, "dtype": "uint16",
-                "source": source, "settings": {k: settings[k] for k in SETTINGS},
+                "source": source, "settings": {k: getattr(settings, k) for k in SETTINGS},
                 "splits": {"train": [], "val": []}, "next": {"doc": 0, "offset": 0}, "complete": False}
         write_meta(out_dir, meta)
     t0 = time.time()
-    docs = encoded_docs(stream, tok, prep.eot, pool, settings["num_proc"])
+    docs = encoded_docs(stream, tok, prep.eot, pool, settings.num_proc)
     n = write_shards(out_dir, meta, docs, meta["settings"])
     return n, time.time() - t0
 
 
+def tokens_for(config_path):
+    """max_tokens for a train.py config: the tokens its run reads once (max_iters steps of batch_size x
+    gradient_accumulation_steps x block_size tokens)."""
+    cfg = read_file(config_path)
+    keys = ("max_iters", "batch_size", "gradient_accumulation_steps", "block_size")
+    missing = [k for k in keys if not isinstance(cfg.get(k), int)]
+    if missing:
+        raise UserError(f"--for_config={config_path} does not set {', '.join(missing)}: give --max_tokens instead")
+    reads = math.prod(cfg[k] for k in keys)
+    print(f"{config_path} reads {reads:,} tokens ({cfg['max_iters']:,} steps x "
+          f"{reads // cfg['max_iters']:,}); preparing that once over, {2 * reads / 1e9:.1f} GB of shards")
+    return tokens_to_prepare(reads)
+
+
+def extend(out_dir, meta, max_tokens):
+    """meta.json's run, reopened where its max_tokens cut the corpus when max_tokens is now larger (the shards then
+    hold the tokens one run with the larger max_tokens writes; the cut shard stays short); refuses a smaller one."""
+    old = meta["settings"]["max_tokens"]
+    if max_tokens == old:
+        return meta
+    if not old or (max_tokens and max_tokens < old):
+        raise UserError(f"{out_dir} was prepared with --max_tokens={old} (0: no limit), which --max_tokens={max_tokens} "
+                        f"would cut: use --max_tokens={old} or more, or --overwrite=True to prepare it again")
+    meta["settings"]["max_tokens"] = max_tokens
+    if meta["complete"] and meta.get("exhausted"):
+        print(f"{out_dir}: the corpus ended before --max_tokens={old}; it holds no more tokens to add")
+    elif meta["complete"]:
+        if "end" not in meta:
+            raise UserError(f"{out_dir} was written by an older prepare.py that cannot be extended: "
+                            f"--overwrite=True to prepare it again")
+        print(f"extending {out_dir} from --max_tokens={old:,} to {max_tokens or 'no limit'}")
+        meta["next"], meta["complete"] = meta.pop("end"), False
+    return meta
+
+
 def main(argv=None):
-    settings = configure(DEFAULTS, argv)
-    check_settings(settings)
-    out_dir = os.path.join("data", settings["name"])
-    recorded = {k: settings[k] for k in SETTINGS}
-    spec = settings["tokenizer"]
+    settings = configure(PrepareConfig(), argv)
+    if settings.for_config:
+        settings = dataclasses.replace(settings, max_tokens=tokens_for(settings.for_config))
+    out_dir = os.path.join("data", settings.name)
+    recorded = {k: getattr(settings, k) for k in SETTINGS}
+    spec = settings.tokenizer
     n_bpe = bpe_size(spec) if spec.startswith("bpe:") else None
-    source = describe_source(settings["data_files"])
-    meta = None if settings["overwrite"] else read_meta(out_dir)
-    if meta:  # the same command continues what is there; any other refuses to mix with it
+    source = describe_source(settings.data_files)
+    meta = None if settings.overwrite else read_meta(out_dir)
+    if meta:  # the same command continues what is there (a larger max_tokens extends it); any other refuses
         check_same(out_dir, "source", meta["source"], source, show=source_name)
         check_same(out_dir, "tokenizer", meta["tokenizer"], spec)
-        check_same(out_dir, "settings", meta["settings"], recorded)
+        check_same(out_dir, "settings", {**meta["settings"], "max_tokens": 0}, {**recorded, "max_tokens": 0})
+        meta = extend(out_dir, meta, settings.max_tokens)
 
     # the tokenizer: a bpe:N tokenizer is trained once; a resumed run reuses the one saved beside the shards
     texts = None
@@ -475,7 +522,7 @@ def main(argv=None):
     elif n_bpe:
         texts = open_texts(source)
         print(f"training a byte-level BPE of {n_bpe} tokens on up to {BPE_SAMPLE_BYTES / 1e6:.0f} MB of the corpus")
-        tok = train_bpe(islice(texts(), settings["val_docs"], settings["num_docs"] or None), n_bpe)
+        tok = train_bpe(islice(texts(), settings.val_docs, settings.num_docs or None), n_bpe)
     else:
         tok = load_tokenizer(spec)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -492,7 +539,7 @@ def main(argv=None):
 
     # the workers start first, to load the tokenizer while the corpus opens (the offline one is built then)
     try:
-        with start_workers(tok, eot, settings["num_proc"]) as pool:
+        with start_workers(tok, eot, settings.num_proc) as pool:
             n, dt = tokenize_corpus(settings, Preparation(out_dir, source, tok, eot, meta, texts), pool)
     except KeyboardInterrupt:
         raise UserError(f"interrupted; {out_dir} holds the whole shards written so far: run the same command "
@@ -501,7 +548,7 @@ def main(argv=None):
     tokens = {s: sum(e["tokens"] for e in meta["splits"][s]) for s in ("train", "val")}
     print(f"wrote {out_dir}: {tokens['train']:,} train and {tokens['val']:,} val tokens in "
           f"{len(meta['splits']['train']) + len(meta['splits']['val'])} shards; "
-          f"{n:,} tokens in {dt:.1f} s ({n / max(dt, 1e-9):,.0f} tokens/s, {settings['num_proc']} workers)")
+          f"{n:,} tokens in {dt:.1f} s ({n / max(dt, 1e-9):,.0f} tokens/s, {settings.num_proc} workers)")
 
 
 if __name__ == "__main__":

@@ -44,9 +44,15 @@ class Rate:
     tokens_per_step: int
     flops_per_token: float
     peak: float | None                  # FLOP/s of all ranks together in the run's precision (None: no MFU)
+    measured: bool = False              # the peak was measured here (a CPU), so it is a lower bound of the true one
 
     def mfu(self, tokens_per_s):
-        return self.flops_per_token * tokens_per_s / self.peak if self.peak else None
+        if not self.peak:
+            return None
+        flops = self.flops_per_token * tokens_per_s
+        if self.measured and flops > self.peak:  # the measurement caught a slow moment: this step proves more
+            self.peak = flops
+        return flops / self.peak
 
 
 class Progress:
@@ -88,7 +94,7 @@ class Progress:
         record = {"iter": state.iter_num, "tokens": state.tokens_seen, "val_loss": result.loss, "val_bpb": result.bpb}
         self.metrics.write({**record, "val_mtp_losses": result.mtp} if result.mtp else record)
         for prompt, text in result.samples:
-            self.say(f"  > {prompt}{' '.join(text.split())}")  # one line each on the terminal; the file keeps the text
+            self.say("  > " + " ".join((prompt + text).split()))  # one line each on the terminal; the file keeps the text
             self.samples.write({"iter": state.iter_num, "prompt": prompt, "text": text})
 
     def close(self):
@@ -117,19 +123,20 @@ def interval_means(window, rate):
 
 
 class JsonLog:
-    """A JSON-lines file in out_dir, written by rank 0. A fresh run starts it anew; a resumed one keeps the lines
-    up to its checkpoint, since it redoes the steps after it."""
+    """A JSON-lines file in out_dir, written by rank 0. A fresh run starts it anew at its first record (a run
+    stopped before that leaves no empty file); a resumed one keeps the lines up to its checkpoint, since it redoes
+    the steps after it."""
 
     def __init__(self, path, start_iter, master, wandb=None):
         self.path, self.master, self.wandb = path, master, wandb
+        self.mode = "a" if start_iter else "w"
         if master and start_iter:
             keep_records_until(path, start_iter)
-        elif master:
-            open(path, "w").close()
 
     def write(self, record):
         if self.master:
-            with open(self.path, "a") as f:
+            with open(self.path, self.mode) as f:
+                self.mode = "a"
                 f.write(json.dumps(record) + "\n")
             if self.wandb is not None:
                 self.wandb.log({k: v for k, v in record.items() if k != "expert_counts"}, step=record["iter"])

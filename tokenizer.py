@@ -22,6 +22,9 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from configurator import UserError, first_line
 
+COSMO2_VOCAB = 49152             # the cosmo2 tokenizer's size: the presets in config/ are sized with it
+
+
 def hub_reachable(timeout=3.0):
     """False when HF_HUB_OFFLINE is set or the Hub's host does not answer within `timeout` seconds.
 

@@ -5,6 +5,8 @@ Train a DeepSeek-style model (MLA + DeepSeekMoE, or dense GQA) with a hand-writt
     python train.py config/deepseek_moe.py --batch_size=8    # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/deepseek_moe.py
     python train.py config/cpu_moe.py --init_from=resume     # continue out_dir/ckpt.pt exactly
+    python train.py config/finetune_smollm2.py --dataset=NAME  # fine-tune the released SmolLM2-135M
+    python train.py -h                                       # every setting: its default and meaning
 
 Settings: the TrainConfig below, then config files, then --key=value overrides (configurator.py). Every
 ModelConfig field is a setting too. `batch_size` is the micro-batch (sequences per forward pass) and
@@ -16,7 +18,7 @@ the same order, on any number of ranks.
 Exact resume: a checkpoint holds everything the following steps depend on (weights incl. the MoE
 balancing biases, optimizer and grad scaler state, iteration, the data sampler's generator, the torch
 RNG of every rank, the validation windows), so `init_from=resume` after a crash replays the steps
-since the last checkpoint bit for bit on CPU.
+since the last checkpoint bit for bit on CPU. A new run never replaces the run in out_dir unless --overwrite=True.
 """
 
 import contextlib
@@ -24,7 +26,9 @@ import copy
 import dataclasses
 import math
 import os
+import shlex
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -36,10 +40,11 @@ from tqdm import tqdm
 from checkpoint import (TrainState, load_checkpoint, model_from_checkpoint, restore_rng, restore_state, rng_states,
                         save_state)
 from configurator import UserError, configure, run_main
-from data import Dataset, open_dataset, text_bytes
+from data import Dataset, more_data, open_dataset, text_bytes
 from device import DTYPES, Job, auto_cpu_dtype, autocast, cpu_matmul_peak, peak_flops, pick_device, pick_dtype
 from generate import Sampling, generate
-from model import ModelConfig, Transformer, cross_entropy, grouped_mm_runs, max_violation
+from model import ModelConfig, Transformer, grouped_mm_runs, max_violation, unpadded_attention_runs
+from optim import build_optimizer
 from progress import EvalResult, Progress, Rate, StepResult
 
 
@@ -50,6 +55,7 @@ class TrainConfig:
     # I/O
     out_dir: str = "out"                # ckpt.pt and metrics.jsonl go here
     init_from: str = "scratch"          # "scratch", "resume" (out_dir/ckpt.pt) or "smollm2-135m" (pretrained.py)
+    overwrite: bool = False             # a new run may replace the run in out_dir (else it refuses to start)
     eval_interval: int = 250            # evaluate (and checkpoint) every this many optimizer steps
     eval_iters: int = 50                # validation batches per evaluation (always the same ones)
     log_interval: int = 10              # one metrics.jsonl line per this many steps
@@ -58,34 +64,42 @@ class TrainConfig:
         default_factory=lambda: ["Once upon a time", "The meaning of life is", "Photosynthesis is"])
     sample_tokens: int = 32             # tokens sampled per prompt (out_dir/samples.jsonl); 0 = no samples
     wandb_log: bool = False             # also log to Weights & Biases (imported only then)
-    wandb_project: str = "deepseek-nanogpt"
-    wandb_run_name: str = "run"
+    wandb_project: str = "deepseek-nanogpt"  # the W&B project and run name
+    wandb_run_name: str = "run"         # (wandb_log only)
     # data
     dataset: str = "cosmopedia"         # data/<dataset>/ as written by prepare.py (or a path)
     batch_size: int = 16                # sequences per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (over all ranks)
     # AdamW with linear warmup, then cosine decay to min_lr at lr_decay_iters
-    learning_rate: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_iters: int = 200
-    lr_decay_iters: int = 5000
-    max_iters: int = 5000
+    learning_rate: float = 6e-4         # the peak, reached at the end of the warmup
+    min_lr: float = 6e-5                # the floor the cosine decays to (about learning_rate / 10)
+    warmup_iters: int = 200             # steps of linear warmup from 0
+    lr_decay_iters: int = 5000          # the step where the cosine reaches min_lr (then it stays there)
+    max_iters: int = 5000               # optimizer steps in the whole run
     weight_decay: float = 0.1           # on matrices only (not norms, embeddings or the MoE balancing bias)
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = 0.9                  # AdamW's momentum
+    beta2: float = 0.95                 # AdamW's second-moment decay
     grad_clip: float = 1.0              # clip the global gradient norm to this; 0 = no clipping
+    optimizer: str = "adamw"            # "adamw", or "muon": Muon for the hidden matrices and experts (optim.py)
+    muon_lr_ratio: float = 1.0          # Muon's learning rate over the schedule's (which AdamW's groups follow)
+    muon_momentum: float = 0.95         # Muon's Nesterov momentum
+    muon_scale: str = "match_rms_adamw"  # update scale per matrix: "match_rms_adamw" (Moonshot) or "original" (Keller)
+    muon_split_fused: bool = True       # orthogonalize wqkv and gate_up per part (q, k, v; gate, up), not whole
     # system
     device: str = "auto"                # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1", "mps"
     dtype: str = "auto"                 # "auto" (GPUs: bfloat16, float16 on older ones; CPUs: the faster for this
                                         # model), "float32", "bfloat16", "float16"
     compile: bool | None = None         # torch.compile; None = on CUDA only
-    seed: int = 1337
+    seed: int = 1337                    # the initial weights, the data order and the validation windows
     # the model: every ModelConfig field (model.py), e.g. --n_layer=4 --n_routed_experts=8
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
 
     def __post_init__(self):
         if self.init_from not in ("scratch", "resume", "smollm2-135m"):
             raise UserError(f"init_from must be scratch, resume or smollm2-135m, not {self.init_from!r}")
+        if self.overwrite and self.init_from == "resume":
+            raise UserError("--overwrite=True starts a new run in place of out_dir's; it does not go with "
+                            "--init_from=resume")
         if self.compile not in (None, True, False):
             raise UserError(f"compile must be True, False or None, not {self.compile!r}")
         for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
@@ -93,6 +107,12 @@ class TrainConfig:
                 raise UserError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.model.block_size < 1:
             raise UserError(f"block_size must be at least 1, got {self.model.block_size}")
+        if self.optimizer not in ("adamw", "muon") or self.muon_scale not in ("match_rms_adamw", "original"):
+            raise UserError(f"optimizer must be adamw or muon ({self.optimizer!r}) and muon_scale match_rms_adamw or "
+                            f"original ({self.muon_scale!r})")
+        if self.muon_lr_ratio <= 0 or not 0 <= self.muon_momentum < 1:
+            raise UserError(f"muon_lr_ratio must be above 0 ({self.muon_lr_ratio}) and muon_momentum in [0, 1) "
+                            f"({self.muon_momentum})")
         if self.sample_tokens < 0 or not all(isinstance(p, str) and p for p in self.sample_prompts):
             raise UserError("sample_prompts must be a list of non-empty strings and sample_tokens at least 0 "
                             "(0 turns the samples off)")
@@ -107,17 +127,40 @@ class TrainConfig:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = configure(TrainConfig(), argv)
     job = make_job(cfg)
+    command = resume_command(argv, job.world)
+    check_new_run(cfg, command)  # on every rank, before any of them writes
     if job.master:
         check_writable(cfg.out_dir)
     if job.ddp:
         dist.init_process_group(backend="nccl" if job.device.type == "cuda" else "gloo")
     try:
-        train(cfg, job)
+        train(cfg, job, command)
     finally:
         if job.ddp:
             dist.destroy_process_group()
+
+
+def resume_command(argv, world):
+    """The command that continues this run: the same config files and settings with --init_from=resume."""
+    args, i = [], 0
+    while i < len(argv):
+        arg, i = argv[i], i + 1
+        if arg in ("--init_from", "--overwrite") and i < len(argv) and not argv[i].startswith("--"):
+            i += 1  # `--key value`: its value goes too (a bare `--overwrite` has none)
+        elif not (arg in ("--init_from", "--overwrite") or arg.startswith(("--init_from=", "--overwrite="))):
+            args.append(arg)
+    launcher = f"torchrun --standalone --nproc_per_node={world} train.py" if world > 1 else "python train.py"
+    return f"{launcher} {shlex.join(args + ['--init_from=resume'])}"
+
+
+def check_new_run(cfg, command):
+    """A new run (from scratch or pretrained weights) never replaces another run's checkpoint unless asked to."""
+    if cfg.init_from != "resume" and not cfg.overwrite and os.path.exists(cfg.ckpt_path):
+        raise UserError(f"{cfg.out_dir} holds a run ({cfg.ckpt_path}); nothing was written. Continue it with "
+                        f"`{command}`, start this one elsewhere with --out_dir=..., or replace it with --overwrite=True")
 
 
 def make_job(cfg):
@@ -166,10 +209,13 @@ class Run:
     stop: "Stop" = None
     tok: Tokenizer | None = None        # for samples and bits per byte (rank 0, where there is a tokenizer)
     val_bytes: int = 0                  # UTF-8 bytes of the validation text, for bits per byte (0: no tokenizer)
+    resume_command: str = ""            # the command that continues this run
 
 
-def train(cfg, job):
+def train(cfg, job, command):
+    """command: the one that resumes this run, for the messages that say how to continue it."""
     run = start_run(cfg, job)
+    run.resume_command = command
     handlers = {s: signal.signal(s, on_signal(run.stop)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         loop(run)
@@ -206,10 +252,14 @@ def start_run(cfg, job):
     if run.tokenizer and job.master:
         run.tok = Tokenizer.from_str(run.tokenizer)
         run.val_bytes = text_bytes(run.tok, data.val, state.val_windows, data.meta["eot_id"])
+    if cfg.overwrite and job.master:  # asked for, and every setting checked: the earlier run goes now
+        for name in ("ckpt.pt", "metrics.jsonl", "samples.jsonl"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(cfg.out_dir, name))
     peak, peak_note = peak_flops(job.device, job.dtype) if job.master else (None, "")
     run.progress = Progress(cfg, state, job.master,
                             Rate(cfg.tokens_per_step, model.flops_per_token(cfg.model.block_size),
-                                 peak * job.world if peak else None))
+                                 peak * job.world if peak else None, measured=job.device.type == "cpu"))
     for line in describe(run, peak_note, dtype_note) + plan(run, peak):
         run.progress.say(line)
     return run
@@ -217,31 +267,51 @@ def start_run(cfg, job):
 
 def build_model(cfg, ckpt, data):
     """(the model, on the CPU in training mode; the pretrained tokenizer's JSON or None): from scratch, from
-    the checkpoint, or from SmolLM2-135M's weights with this run's block_size and dropout."""
+    the checkpoint, or from SmolLM2-135M's weights with this run's block_size and dropout. The vocabulary is the
+    dataset's unless vocab_size is set (e.g. padded to a multiple of 64)."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    tokenizer = None
+    tokenizer, vocab = None, data.meta["vocab_size"]
+    unset = () if cfg.model.vocab_size else ("vocab_size",)  # what check_same_model leaves to check_vocab
     if cfg.init_from == "smollm2-135m":
         import pretrained  # loads 135M weights: only when asked
         model, tok = pretrained.smollm2_135m()
         # the architecture is SmolLM2's; the context length and dropout of this run may differ
-        check_same_model(cfg.model, model.config, "SmolLM2-135M", ignore=("block_size", "dropout"))
+        check_same_model(cfg.model, model.config, "SmolLM2-135M", ignore=("block_size", "dropout") + unset)
         if (model.config.block_size, model.config.dropout) != (cfg.model.block_size, cfg.model.dropout):
             ours = dataclasses.replace(model.config, block_size=cfg.model.block_size, dropout=cfg.model.dropout)
             state, model = model.state_dict(), Transformer(ours)
             model.load_state_dict(state)  # the RoPE tables are rebuilt, not loaded
         tokenizer = tok.to_str()
+        check_vocab(model.config.vocab_size, vocab, data, "SmolLM2-135M (the cosmo2 tokenizer)")
     elif ckpt is not None:
         model = model_from_checkpoint(ckpt)
-        check_same_model(cfg.model, model.config, f"checkpoint {cfg.ckpt_path}",
-                         ignore=("mtp_loss_weight",))
+        check_same_model(cfg.model, model.config, f"checkpoint {cfg.ckpt_path}", ignore=("mtp_loss_weight",) + unset)
         # the MTP loss weight may change on resume (DeepSeek-V3 went from 0.3 to 0.1 for its last 4.8T tokens)
         model.config = dataclasses.replace(model.config, mtp_loss_weight=cfg.model.mtp_loss_weight)
+        check_same_optimizer(cfg, ckpt)
+        if unset:
+            check_vocab(model.config.vocab_size, vocab, data, f"the checkpoint {cfg.ckpt_path}")
     else:
-        model = Transformer(cfg.model)
-    if data.meta["vocab_size"] > model.config.vocab_size:
-        raise UserError(f"{data.dir} has a vocabulary of {data.meta['vocab_size']} tokens but the model's vocab_size "
-                        f"is {model.config.vocab_size}: set --vocab_size={data.meta['vocab_size']} or more")
+        model = Transformer(dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab))
+    if vocab > model.config.vocab_size:
+        raise UserError(f"{data.dir} has a vocabulary of {vocab} tokens but the model's vocab_size "
+                        f"is {model.config.vocab_size}: set --vocab_size={vocab} or more (or leave it unset)")
     return model.train(), tokenizer
+
+
+def check_vocab(model_vocab, data_vocab, data, what):
+    """A model trained on other token ids than the dataset's would read it as noise: refuse, with the numbers."""
+    if model_vocab != data_vocab:
+        raise UserError(f"{data.dir} has a vocabulary of {data_vocab:,} tokens but {what} has {model_vocab:,}: "
+                        "train it on data prepared with its tokenizer (--dataset=...)")
+
+
+def check_same_optimizer(cfg, ckpt):
+    """Refuse to resume a checkpoint with another optimizer: its state (moments, momenta, groups) fits one rule."""
+    trained_with = ckpt["settings"].get("optimizer", "adamw")  # checkpoints from before optim.py: AdamW
+    if trained_with != cfg.optimizer:
+        raise UserError(f"checkpoint {cfg.ckpt_path} was trained with --optimizer={trained_with}, not "
+                        f"{cfg.optimizer}: resume with --optimizer={trained_with}, or start a new run")
 
 
 def check_same_model(wanted, found, what, ignore=()):
@@ -290,24 +360,13 @@ def step_timer(model, batch_size, block_size):
 
 
 def new_state(cfg, model, job, data):
-    """A fresh TrainState: AdamW (weight decay on matrices only), the grad scaler (float16 only), the data order's
-    generator, and the fixed validation windows drawn from their own seed."""
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                                  betas=(cfg.beta1, cfg.beta2),
-                                  fused=job.device.type in ("cuda", "cpu"))  # one kernel for all tensors
+    """A fresh TrainState: the optimizer (optim.py: AdamW, or Muon and AdamW), the grad scaler (float16 only), the
+    data order's generator, and the fixed validation windows drawn from their own seed."""
+    optimizer = build_optimizer(model, cfg, job)
     scaler = torch.amp.GradScaler(job.device.type, enabled=job.dtype == "float16")
     val_gen = torch.Generator().manual_seed(cfg.seed + 1)
     val_windows = torch.randint(data.val.windows, (cfg.eval_iters, cfg.batch_size), generator=val_gen)
     return TrainState(model, optimizer, scaler, torch.Generator().manual_seed(cfg.seed), val_windows)
-
-
-def param_groups(model, weight_decay):
-    """AdamW's groups: weight decay on matrices only. Norms and embeddings are not pulled towards zero (rare
-    tokens' rows get few gradients but would shrink at every step); the MoE bias is a buffer, never seen here."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    is_matrix = lambda n, p: p.dim() >= 2 and not n.startswith("tok_embeddings")
-    return [{"params": [p for n, p in params if is_matrix(n, p)], "weight_decay": weight_decay},
-            {"params": [p for n, p in params if not is_matrix(n, p)], "weight_decay": 0.0}]
 
 
 def wrap(model, job):
@@ -336,7 +395,16 @@ def describe(run, peak_note, dtype_note):
              + (f" ({dtype_note})" if dtype_note else "") + f"; MFU against {peak_note}"]
     if model.moe_layers():
         lines.append(f"MoE experts: {experts_path(job)}")
-    lines.append(f"data: {run.data.dir} ({run.data.train.tokens:,} train tokens, vocab {run.data.meta['vocab_size']:,}); "
+    qk, v = model.config.qk_nope_head_dim + model.config.qk_rope_head_dim, model.config.v_head_dim
+    if model.config.attention == "mla" and v < qk:
+        lines.append("MLA attention: " + (f"values unpadded ({v} dims, queries and keys {qk}), cuDNN's kernel"
+                     if unpadded_attention_runs(job.device, DTYPES[job.dtype], qk, v) else
+                     f"values zero-padded from {v} to {qk} dims for a fused kernel (unpadded needs cuDNN's, on a "
+                     "CUDA GPU in bfloat16 or float16)"))
+    vocab, data_vocab = model.config.vocab_size, run.data.meta["vocab_size"]
+    lines.append(f"data: {run.data.dir} ({run.data.train.tokens:,} train tokens; the model's vocabulary: "
+                 + (f"its {vocab:,} tokens" if vocab == data_vocab else f"{vocab:,} (vocab_size), its {data_vocab:,}")
+                 + "); "
                  + (f"resuming at iteration {state.iter_num}" if state.start_iter else f"init from {cfg.init_from}"))
     return lines
 
@@ -371,7 +439,7 @@ def plan(run, peak):
     if epochs >= 2:
         lines.append(f"note: {cfg.max_iters:,} steps read {run.cfg.tokens_per_step * cfg.max_iters:,} tokens, "
                      f"{epochs:,.1f} times the {train_tokens:,} training tokens of {cfg.dataset}: the model "
-                     "will memorise them; prepare more data (prepare.py --max_tokens) for a real curve")
+                     f"will memorise them; " + more_data(run.data, run.cfg.tokens_per_step * cfg.max_iters))
     return lines
 
 
@@ -389,8 +457,8 @@ def loop(run):
     cfg, state = run.cfg, run.state
     while True:
         lr = get_lr(state.iter_num, cfg)
-        for group in state.optimizer.param_groups:
-            group["lr"] = lr
+        for group in state.optimizer.param_groups:  # Muon's groups (optim.py) follow the schedule at their ratio
+            group["lr"] = lr * (cfg.muon_lr_ratio if group.get("use_muon") else 1.0)
         if run.stop.now(run.job):
             raise Interrupted(run.stop.signal or signal.SIGTERM)
         if (state.iter_num % cfg.eval_interval == 0 or state.iter_num == cfg.max_iters) and \
@@ -453,9 +521,8 @@ def evaluate(run):
                       disable=not job.master, dynamic_ncols=True):
             x, y = run.data.val.batch(state.val_windows[k], job.device)
             with autocast(job.device, job.dtype):
-                logits, losses = model(x, y)
-            nats = cross_entropy(logits, y, reduction="none")
-            total[:3] += torch.stack([losses.main.float(), torch.ones_like(nats[0]), nats[y.flatten() != eot].sum()])
+                _, losses = model(x, y)
+            total[:3] += torch.stack([losses.main.float(), torch.ones_like(losses.main), losses.nats[y != eot].sum()])
             total[3:] += losses.mtp.float()
     model.train()
     total = all_sum(total, job.ddp)
@@ -603,8 +670,13 @@ def interrupted(run):
     run.progress.close()
     if progressed:  # else nothing new: an earlier run's checkpoint stays as it is
         save(run, f"signal {signal.Signals(signum).name}")
-    run.progress.say(f"interrupted at iteration {state.iter_num}; " + ("continue with --init_from=resume" if progressed
-                     else f"nothing new to save, {run.cfg.ckpt_path} is unchanged"))
+    if progressed:
+        outcome = f"continue with: {run.resume_command}"
+    elif os.path.exists(run.cfg.ckpt_path):
+        outcome = f"nothing new to save, {run.cfg.ckpt_path} is unchanged; continue with: {run.resume_command}"
+    else:
+        outcome = "no step had completed: nothing was saved"
+    run.progress.say(f"interrupted at iteration {state.iter_num}; {outcome}")
     raise SystemExit(128 + signum)
 
 

@@ -1,7 +1,6 @@
 # A small dense GQA model of the SmolLM2 family that trains on 2 CPU cores, the dense twin of cpu_moe.py.
 # 3.4M parameters (3.1M of them the tied 49152 x 64 embedding); 300 steps of 8 x 128 tokens.
 attention = "gqa"
-vocab_size = 49152
 block_size = 128
 n_layer = 4
 n_embd = 64                  # the LM head (49152 x 64) is ~90% of the FLOPs at this size: keep it narrow

@@ -2,7 +2,6 @@
 # 3.5M parameters (3.1M of them the tied 49152 x 64 embedding), 3.3M active per token; 300 steps of
 # 8 x 128 tokens (307k tokens, half the offline corpus).
 attention = "mla"
-vocab_size = 49152
 block_size = 128
 n_layer = 4
 n_embd = 64                  # the LM head (49152 x 64) is ~90% of the FLOPs at this size: keep it narrow

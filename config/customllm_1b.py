@@ -6,7 +6,6 @@
 # variant of latent attention (ours is DeepSeek-V2's, with a decoupled RoPE key shared by the heads).
 # python train.py config/customllm_1b.py
 attention = "mla"
-vocab_size = 49152
 block_size = 256                     # they trained at 256 (with 2,048 learned positions; RoPE needs none)
 n_layer = 24
 n_embd = 1024
@@ -29,3 +28,5 @@ batch_size = 32                      # not given by the reference: 32 x 4 x 256 
 gradient_accumulation_steps = 4
 learning_rate = 3e-4                 # not given by the reference: the usual for this size
 min_lr = 3e-5
+max_iters = 5000
+lr_decay_iters = 5000

@@ -5,7 +5,6 @@
 # same places as for config/customllm_1b.py (learned positions, the head's bias, their attention variant).
 # python train.py config/customllm_973m.py
 attention = "mla"
-vocab_size = 49152
 block_size = 256
 n_layer = 30
 n_embd = 768
@@ -28,3 +27,5 @@ batch_size = 32                      # not given by the reference: 32 x 4 x 256 
 gradient_accumulation_steps = 4
 learning_rate = 3e-4                 # not given by the reference
 min_lr = 3e-5
+max_iters = 5000
+lr_decay_iters = 5000

@@ -6,7 +6,6 @@
 # and no expert or router biases (-122,928), which accounts for the difference exactly.
 # python train.py config/deepseek_159m.py
 attention = "gqa"
-vocab_size = 49152
 block_size = 256
 n_layer = 12
 n_embd = 512
@@ -22,3 +21,5 @@ tie_embeddings = False
 out_dir = "out/deepseek_159m"
 batch_size = 4
 gradient_accumulation_steps = 4      # 4 x 4 = 16 sequences of 256 per step
+max_iters = 5000
+lr_decay_iters = 5000

@@ -2,7 +2,6 @@
 # 536,418,048 parameters in total, 160,110,336 active per token (6 of 64 routed experts + 2 shared).
 # python train.py config/deepseek_moe.py
 attention = "mla"
-vocab_size = 49152
 block_size = 1024
 n_layer = 12
 n_embd = 768

@@ -2,11 +2,14 @@
 train.py's tiny settings, and the way the tests run the project's scripts. Test files import these names from
 here (`from conftest import ...`) and never from one another; the fixtures (data, trained) need no import."""
 
+import contextlib
 import dataclasses
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -23,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach the Hub
 torch.set_num_threads(1)
 
 import checkpoint  # noqa: E402  (after the path that finds it)
+import generate  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 
@@ -218,3 +222,64 @@ def trained(data, tmp_path_factory):
                         "--lr_decay_iters=40")
     torch.set_num_threads(threads)
     return out
+
+
+# ---- serve.py's app, served in a thread of the test process (test_serve.py, test_serve_page.py) ----
+
+@pytest.fixture(scope="session")
+def text_checkpoint(tmp_path_factory):
+    """The out_dir of a small dense model with the cosmo2 tokenizer (so that prompts are text), block_size 128."""
+    from tokenizer import load_tokenizer
+    root = tmp_path_factory.mktemp("text") / "ckpt"
+    tokenizer = load_tokenizer("cosmo2")
+    write_checkpoint(small("gqa", vocab_size=tokenizer.get_vocab_size(), block_size=128), tokenizer, root)
+    return root
+
+
+class Gate:
+    """generate.stream as serve.py calls it, paced by a test: the first `free` tokens pass, then the stream waits
+    (`waiting` set) until the test calls open(). Counts the tokens given out and sets `closed` when the stream ends."""
+
+    def __init__(self, free):
+        self.free, self.given = free, 0
+        self.waiting, self.opened, self.closed = threading.Event(), threading.Event(), threading.Event()
+
+    def open(self):
+        self.opened.set()
+
+    def stream(self, *args, **kwargs):
+        try:
+            for tokens in generate.stream(*args, **kwargs):
+                if self.given == self.free:
+                    self.waiting.set()
+                    assert self.opened.wait(timeout=120), "the test never opened the gate"
+                self.given += 1
+                yield tokens
+        finally:
+            self.closed.set()
+
+
+@dataclasses.dataclass
+class Serving:
+    url: str        # http://127.0.0.1:PORT
+    server: object  # the uvicorn.Server: server_state.connections holds the connections it has open
+
+
+@contextlib.contextmanager
+def serving(app):
+    """app (serve.build_app's) served by uvicorn in a thread on a free port: a Serving. In this process, so that a
+    test can pace the decoding with a Gate."""
+    import uvicorn
+    import serve
+    sock = serve.listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:  # uvicorn's own flag, set once it accepts connections
+            assert thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.01)
+        yield Serving(f"http://127.0.0.1:{sock.getsockname()[1]}", server)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

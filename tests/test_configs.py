@@ -12,6 +12,7 @@ import train
 from configurator import from_settings, read_file
 from conftest import ROOT, VOCAB, metrics
 from model import ModelConfig, Transformer
+from tokenizer import COSMO2_VOCAB
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "config", "*.py")))
 # the counts the earlier projects reported for the models these presets reproduce
@@ -19,7 +20,8 @@ REPORTED = {"customllm_1b": 1_075.06e6, "customllm_973m": 973.12e6, "deepseek_15
 
 
 def preset(path):
-    return from_settings(ModelConfig, read_file(path), where=path)
+    """A preset's model with the cosmo2 vocabulary, the one prepare.py's default data gives it."""
+    return from_settings(ModelConfig, {"vocab_size": COSMO2_VOCAB, **read_file(path)}, where=path)
 
 
 def counted_by_hand(cfg):

@@ -1,9 +1,13 @@
-"""configurator.py: config files and --key=value overrides, their types, unknown keys, and from_settings (a
-dataclass's fields out of the settings)."""
+"""configurator.py: config files and --key=value overrides, their types, unknown keys, from_settings (a
+dataclass's fields out of the settings), -h/--help from the settings' own comments, and Ctrl-C in run_main."""
+
+import dataclasses
+import importlib
 
 import pytest
 
-from configurator import UserError, configure, from_settings
+from configurator import UserError, configure, field_comments, flat_fields, from_settings
+from conftest import run_python, run_script
 from model import ModelConfig
 
 DEFAULTS = {"batch_size": 12, "learning_rate": 6e-4, "compile": True, "out_dir": "out", "top_k": None}
@@ -65,3 +69,60 @@ def test_from_settings_takes_the_model_fields_and_checks_their_types():
         from_settings(ModelConfig, {"n_head": 6, "n_kv_head": 4})
     with pytest.raises(UserError, match="does not know: batch_size"):
         from_settings(ModelConfig, {"n_layer": 3, "batch_size": 8}, strict=True)
+
+
+@dataclasses.dataclass
+class Example:
+    """A docstring, then a section heading: neither is a setting's meaning."""
+    # a section
+    lr: float = 1e-3                    # the peak learning rate
+    prompts: list = dataclasses.field(  # continued at every evaluation
+        default_factory=lambda: ["a # not a comment"])
+    dtype: str = "auto"                 # "auto" or a precision,
+                                        # said on two lines
+    # another section
+    quiet: bool = False
+
+    @property
+    def doubled(self):  # a method's comment belongs to no setting
+        return 2 * self.lr
+
+
+def test_field_comments_are_the_comments_beside_the_fields():
+    assert field_comments(Example) == {"lr": "the peak learning rate", "prompts": "continued at every evaluation",
+                                       "dtype": '"auto" or a precision, said on two lines', "quiet": ""}
+
+
+@pytest.mark.parametrize("script, config", [("train", "TrainConfig"), ("prepare", "PrepareConfig"),
+                                            ("export", "ExportConfig"), ("sample", "SampleConfig"),
+                                            ("bench", "BenchConfig")])
+def test_help_lists_every_setting_with_its_default_and_meaning(script, config, capsys):
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as done:
+        module.main(["--help"])
+    assert done.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    settings = [line for line in lines if line.startswith("  --")]
+    defaults = flat_fields(getattr(module, config)())
+    assert len(settings) == len(defaults)
+    for line, (key, value) in zip(settings, defaults.items()):
+        shown = f"  --{key}={value!r}"
+        assert line.startswith(shown) and line[len(shown):].strip(), line  # in order, each with its meaning
+    if script == "train":  # a meaning in train.py and one in model.py, word for word
+        assert any(line.split() == ["--eval_interval=250", *"evaluate (and checkpoint) every this many optimizer "
+                                    "steps".split()] for line in lines)
+        assert any(line.startswith("  --n_embd=768 ") and line.endswith(" model width") for line in lines)
+
+
+def test_h_and_help_exit_0_from_the_command_line():
+    for flag in ("-h", "--help"):
+        r = run_script("train.py", "config/cpu_moe.py", flag)
+        assert r.returncode == 0 and r.stderr == "" and "--max_iters=5000 " in r.stdout
+
+
+def test_a_ctrl_c_outside_a_script_s_own_handling_is_one_line(tmp_path):
+    """e.g. while train.py builds its model: `interrupted` and exit code 130, no traceback."""
+    r = run_python("-c", "from configurator import run_main\n"
+                         "def main():\n    raise KeyboardInterrupt\n"
+                         "run_main(main)")
+    assert (r.returncode, r.stderr) == (130, "interrupted\n")

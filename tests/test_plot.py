@@ -4,6 +4,7 @@ run without metrics."""
 import os
 
 import matplotlib.image
+import pytest
 
 import plot
 from conftest import MOE, metrics, run_inprocess, run_script
@@ -28,3 +29,11 @@ def test_plot_moe_run(data, tmp_path):
 def test_plot_without_metrics(tmp_path):
     r = run_script("plot.py", tmp_path)
     assert r.returncode != 0 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_help(capsys):
+    for flag in ("-h", "--help"):
+        with pytest.raises(SystemExit) as done:
+            plot.main([flag])
+        assert done.value.code == 0
+        assert capsys.readouterr().out.startswith("Plot a training run: python plot.py out/cpu_moe")

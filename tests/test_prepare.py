@@ -3,6 +3,8 @@ line on stderr, non-zero exit, nothing touched)."""
 
 import json
 import os
+import re
+import shlex
 
 import numpy as np
 import pytest
@@ -281,3 +283,52 @@ def test_txt_files_and_limits(corpus, monkeypatch):
     prepare.main([files, "--name=cut", "--num_proc=1", "--val_docs=2", "--shard_tokens=1000", "--max_tokens=555"])
     got = np.concatenate(shards("data/cut", "val") + shards("data/cut", "train")).tolist()
     assert len(got) == 555 and got == (want[0] + want[1])[:555]
+
+
+def test_a_larger_max_tokens_extends_the_dataset_as_one_run_would_write_it(corpus, monkeypatch, capsys):
+    monkeypatch.chdir(corpus["dir"])
+    docs = [d.replace("\n", " ") for d in corpus["docs"]]
+    (corpus["dir"] / "ext.txt").write_text("\n\n".join(docs[:30]) + "\n")
+    args = [f"--data_files={corpus['dir'] / 'ext.txt'}", "--num_proc=1", "--val_docs=2", "--shard_tokens=200"]
+    stream = lambda name: np.concatenate(shards(f"data/{name}", "val") + shards(f"data/{name}", "train")).tolist()
+    prepare.main([*args, "--name=once", "--max_tokens=900"])
+    prepare.main([*args, "--name=grown", "--max_tokens=555"])  # cuts a document: the extension goes on inside it
+    prepare.main([*args, "--name=grown", "--max_tokens=900"])
+    assert "extending data/grown from --max_tokens=555 to 900" in capsys.readouterr().out
+    assert stream("grown") == stream("once") and len(stream("once")) == 900
+    with pytest.raises(UserError, match="--max_tokens=100 would cut"):
+        prepare.main([*args, "--name=grown", "--max_tokens=100"])
+    prepare.main([*args, "--name=grown", "--max_tokens=0"])  # to the corpus's end, which then has no more
+    everything = stream("grown")
+    assert len(everything) > 900 and json.load(open("data/grown/meta.json"))["exhausted"]
+    prepare.main([*args, "--name=grown", "--max_tokens=0"])
+    assert "already prepared" in capsys.readouterr().out and stream("grown") == everything
+
+
+def test_train_s_note_on_repeated_data_prints_the_command_that_extends_it(corpus, monkeypatch, capsys):
+    """train.py reading a small dataset many times prints the exact prepare.py command that gives it enough data;
+    prepare.py --for_config sizes a dataset for a config the same way."""
+    import train
+    monkeypatch.chdir(corpus["dir"])
+    docs = [d.replace("\n", " ") for d in corpus["docs"]]
+    (corpus["dir"] / "small.txt").write_text("\n\n".join(docs[:30]) + "\n")
+    prepare.main([f"--data_files={corpus['dir'] / 'small.txt'}", "--name=small", "--num_proc=1", "--val_docs=2",
+                  "--shard_tokens=1000", "--max_tokens=600"])
+    train.main(["--dataset=small", "--out_dir=out", "--device=cpu", "--dtype=float32", "--compile=False", "--n_layer=1",
+                "--n_embd=16", "--n_head=2", "--n_kv_head=1", "--intermediate_size=16", "--block_size=16",
+                "--batch_size=64", "--max_iters=1", "--eval_iters=1", "--sample_tokens=0"])  # 1,024 tokens a step
+    note = re.search(r"note: .* memorise them; extend it with `(.*)`", capsys.readouterr().out)
+    command = shlex.split(note.group(1))
+    assert command[:2] == ["python", "prepare.py"] and command[-1] == "--max_tokens=1000000"
+    prepare.main(command[2:])
+    assert "extending data/small from --max_tokens=600 to 1000000" in capsys.readouterr().out
+    assert json.load(open("data/small/meta.json"))["exhausted"]  # the 30 documents hold fewer tokens
+    (corpus["dir"] / "run.py").write_text("max_iters = 1000\nbatch_size = 8\ngradient_accumulation_steps = 4\n"
+                                          "block_size = 256\n")  # reads 8,192,000 tokens
+    prepare.main([f"--data_files={corpus['dir'] / 'small.txt'}", "--name=small", "--num_proc=1", "--val_docs=2",
+                  "--shard_tokens=1000", "--for_config=run.py"])
+    said = capsys.readouterr().out
+    assert "run.py reads 8,192,000 tokens (1,000 steps x 8,192)" in said and "holds no more tokens to add" in said
+    (corpus["dir"] / "run.py").write_text("batch_size = 8\n")
+    with pytest.raises(UserError, match="does not set max_iters, gradient_accumulation_steps, block_size"):
+        prepare.main(["--for_config=run.py"])

@@ -115,15 +115,16 @@ def held_out(tmp_path_factory):
 
 
 def test_fine_tuning_smollm2_lowers_held_out_loss(loaded_once, held_out, tmp_path):
-    """train.py --init_from=smollm2-135m: the weights rebuilt for this run's block_size and dropout (the first
-    validation loss is the pretrained model's, computed here apart), the loss on held-out text falls, and the
-    checkpoint carries the pretrained tokenizer, since the data has none."""
+    """config/finetune_smollm2.py with its own learning rate and schedule, shortened to 4 steps of 2 x 32 tokens:
+    the weights rebuilt for this run's block_size and dropout (the first validation loss is the pretrained model's,
+    computed here apart), the loss on held-out text falls, and the checkpoint carries the pretrained tokenizer,
+    since the data has none."""
     ours, tokenizer = loaded_once
     out = tmp_path / "ft"
-    train.main(["config/smollm2_135m.py", "--init_from=smollm2-135m", f"--dataset={held_out}", f"--out_dir={out}",
-                "--device=cpu", "--dtype=float32", "--compile=False", "--block_size=32", "--dropout=0.1", "--batch_size=2",
-                "--gradient_accumulation_steps=1", "--max_iters=3", "--eval_interval=3", "--eval_iters=4",
-                "--learning_rate=3e-4", "--min_lr=3e-4", "--warmup_iters=0", "--sample_tokens=0"])
+    train.main(["config/finetune_smollm2.py", f"--dataset={held_out}", f"--out_dir={out}", "--device=cpu",
+                "--dtype=float32", "--block_size=32", "--dropout=0.1", "--batch_size=2", "--gradient_accumulation_steps=1",
+                "--max_iters=4", "--lr_decay_iters=4", "--warmup_iters=1", "--eval_interval=4", "--eval_iters=4",
+                "--sample_tokens=0"])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert (ckpt["model_config"]["block_size"], ckpt["model_config"]["dropout"]) == (32, 0.1)
     assert ckpt["tokenizer"] == tokenizer.to_str()
@@ -133,7 +134,7 @@ def test_fine_tuning_smollm2_lowers_held_out_loss(loaded_once, held_out, tmp_pat
     with torch.no_grad():
         pretrained_loss = F.cross_entropy(ours(xy[:, :-1])[0].flatten(0, 1), xy[:, 1:].flatten()).item()
     assert val[0] == pytest.approx(pretrained_loss, abs=1e-4)
-    assert val[-1] < val[0] - 0.05, val  # measured: 4.414 -> 4.318
+    assert val[-1] < val[0] - 0.05, val  # at its 3e-4; 1e-4 gave 4.414 -> 4.375 in these 4 steps
 
 
 def test_fine_tuning_refuses_another_architecture(loaded_once, held_out, tmp_path):

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -145,11 +146,13 @@ def test_checkpoint_contract(trained, data):
     assert len(no_decay["params"]) == 2 * 2 + 2  # per layer two norms; final norm; the tied embedding
 
 
-def test_a_step_of_k_micro_batches_equals_one_step_on_a_k_times_larger_batch(data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_step_of_k_micro_batches_equals_one_step_on_a_k_times_larger_batch(data, tmp_path, optimizer):
     """The same 8 sequences a step (their windows are drawn in the same order) as 2 micro-batches of 4 or as one of
     8: the same loss, the same gradient (its norm, logged before clipping, would double if the micro-steps' losses
     were summed rather than averaged) and the same weights, in float32."""
-    args = ["--max_iters=3", "--eval_interval=3", "--lr_decay_iters=3", "--sample_tokens=0", "--grad_clip=0"]
+    args = ["--max_iters=3", "--eval_interval=3", "--lr_decay_iters=3", "--sample_tokens=0", "--grad_clip=0",
+            f"--optimizer={optimizer}"]
     one = run_inprocess(data, tmp_path / "one", *args, "--batch_size=8", "--gradient_accumulation_steps=1")
     two = run_inprocess(data, tmp_path / "two", *args, "--batch_size=4", "--gradient_accumulation_steps=2")
     steps = lambda out: [r for r in metrics(out) if "loss" in r]
@@ -171,9 +174,10 @@ def test_lr_schedule():
 
 # ---- exact resume ----
 
-def test_resume_after_sigkill_and_sigterm_is_bitwise_exact(data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_after_sigkill_and_sigterm_is_bitwise_exact(data, tmp_path, optimizer):
     args = [*MOE, "--gradient_accumulation_steps=2", "--dropout=0.1", "--max_iters=40", "--eval_interval=10",
-            "--lr_decay_iters=40"]
+            "--lr_decay_iters=40", f"--optimizer={optimizer}"]
     whole = run_inprocess(data, tmp_path / "whole", *args)
 
     out = tmp_path / "killed"
@@ -201,8 +205,8 @@ def test_resume_after_sigkill_and_sigterm_is_bitwise_exact(data, tmp_path):
     assert any("router.bias" in k for k in a["model"])
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):  # moments, momenta
+        assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
     assert a["best_val_loss"] == b["best_val_loss"]
     # the log was cut back to the checkpoint on each resume, so it matches the uninterrupted one
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "mfu")} for r in rs]
@@ -263,8 +267,8 @@ def test_sigterm_inside_a_step_goes_back_to_the_step_s_start(data, tmp_path, mon
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_an_interrupt_before_the_first_step_leaves_an_earlier_checkpoint_alone(trained, data, tmp_path, monkeypatch,
-                                                                                capsys):
+def test_an_interrupt_before_a_resumed_run_s_first_step_leaves_its_checkpoint_alone(trained, data, tmp_path,
+                                                                                     monkeypatch, capsys):
     out = tmp_path / "reused"
     shutil.copytree(trained, out)
     before = (out / "ckpt.pt").read_bytes()
@@ -272,15 +276,75 @@ def test_an_interrupt_before_the_first_step_leaves_an_earlier_checkpoint_alone(t
 
     def batch(*a):
         calls.append(1)
-        if len(calls) == 2 + 1:  # the first batch of the first evaluation (after counting the validation text)
+        if len(calls) == 2 + 1:  # the first micro-batch of step 41 (after counting the validation text)
             os.kill(os.getpid(), signal.SIGTERM)
         return real_batch(*a)
     monkeypatch.setattr(Split, "batch", batch)
     with pytest.raises(SystemExit) as stopped:
-        run_inprocess(data, out, "--max_iters=10")  # a new run from scratch in the same out_dir
+        run_inprocess(data, out, "--max_iters=50", "--init_from=resume")
     assert stopped.value.code == 128 + signal.SIGTERM
     assert (out / "ckpt.pt").read_bytes() == before
-    assert "interrupted at iteration 0; nothing new to save" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"interrupted at iteration 40; nothing new to save, {out / 'ckpt.pt'} is unchanged; continue with: " \
+           "python train.py " in said and said.count("--init_from=resume") == 1
+
+
+def test_a_run_stopped_before_its_first_step_leaves_nothing_behind(data, tmp_path, monkeypatch, capsys):
+    real_batch = Split.batch
+
+    def batch(*a):  # the first batch of the first evaluation, after counting the validation text
+        if batch.calls == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        batch.calls += 1
+        return real_batch(*a)
+    batch.calls = 0
+    monkeypatch.setattr(Split, "batch", batch)
+    with pytest.raises(SystemExit):
+        run_inprocess(data, tmp_path / "new", "--max_iters=10")
+    assert "interrupted at iteration 0; no step had completed: nothing was saved" in capsys.readouterr().out
+    assert os.listdir(tmp_path / "new") == []  # no checkpoint, and no empty metrics.jsonl or samples.jsonl
+
+
+def test_a_new_run_never_replaces_a_run_unless_asked(trained, data, tmp_path, capsys):
+    """A run from scratch into an out_dir holding a run stops before writing, with the command that resumes that run
+    instead (which works as printed); --overwrite=True replaces it."""
+    out = tmp_path / "kept"
+    shutil.copytree(trained, out)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    args = [*TINY, f"--dataset={data}", f"--out_dir={out}", "--max_iters=42", "--eval_interval=2"]
+    with pytest.raises(UserError) as refused:
+        train.main(args)
+    message = str(refused.value)
+    assert message.startswith(f"{out} holds a run") and "--overwrite=True" in message and "--out_dir" in message
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    command = shlex.split(re.search(r"`(.*?)`", message).group(1))
+    assert command[:2] == ["python", "train.py"] and command[2:] == [*args, "--init_from=resume"]
+    capsys.readouterr()
+    train.main(command[2:])
+    assert "resuming at iteration 40" in capsys.readouterr().out
+    assert load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == 42
+    train.main([*args[:-2], "--max_iters=2", "--eval_interval=2", "--overwrite=True"])
+    assert load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == 2
+    assert max(r["iter"] for r in metrics(out)) == 2  # the old run's records went with it
+
+
+def test_the_vocabulary_is_the_dataset_s_unless_set(data, tmp_path, capsys):
+    """From scratch the model takes meta.json's vocab_size and says so; a checkpoint with another vocabulary than
+    its dataset's is refused with the numbers."""
+    wider = tmp_path / "wider"
+    shutil.copytree(data, wider)
+    meta = json.loads((wider / "meta.json").read_text())
+    (wider / "meta.json").write_text(json.dumps({**meta, "vocab_size": VOCAB + 16}))
+    unset = [a for a in TINY if not a.startswith("--vocab_size=")]
+    out = tmp_path / "out"
+    train.main([*unset, f"--dataset={wider}", f"--out_dir={out}", "--max_iters=1", "--eval_interval=1"])
+    assert f"the model's vocabulary: its {VOCAB + 16} tokens" in capsys.readouterr().out
+    assert load_checkpoint(str(out / "ckpt.pt"))["model_config"]["vocab_size"] == VOCAB + 16
+    with pytest.raises(UserError, match=f"has a vocabulary of {VOCAB} tokens but the checkpoint .* has {VOCAB + 16}"):
+        train.main([*unset, f"--dataset={data}", f"--out_dir={out}", "--max_iters=2", "--init_from=resume"])
+    padded = tmp_path / "padded"  # set explicitly, it may be larger than the data's (padding)
+    train.main([*unset, f"--dataset={data}", f"--out_dir={padded}", "--max_iters=1", f"--vocab_size={VOCAB + 16}"])
+    assert f"the model's vocabulary: {VOCAB + 16} (vocab_size), its {VOCAB}" in capsys.readouterr().out
 
 
 def test_ctrl_c_checkpoints_the_step_it_stopped_at(data, tmp_path):
@@ -293,7 +357,8 @@ def test_ctrl_c_checkpoints_the_step_it_stopped_at(data, tmp_path):
     said, err = proc.communicate()
     assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
-    assert f"interrupted at iteration {ckpt['iter_num']}; continue with --init_from=resume" in said
+    assert f"interrupted at iteration {ckpt['iter_num']}; continue with: python train.py " in said
+    assert f"--out_dir={out} --max_iters=100000 --eval_interval=100000 --init_from=resume\n" in said
     assert 0 < ckpt["iter_num"] < 100000 and ckpt["iter_num"] >= max(logged_iters(out))
 
 
@@ -309,12 +374,14 @@ def assert_same_weights(a, b):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("arch", ["gqa", "mla_moe"])
-def test_mixed_precision_learns_and_resumes_exactly(data, tmp_path, arch, dtype):
+@pytest.mark.parametrize("arch, dtype, optimizer", [("gqa", "bfloat16", "adamw"), ("gqa", "float16", "adamw"),
+                                                    ("mla_moe", "bfloat16", "adamw"), ("mla_moe", "float16", "adamw"),
+                                                    ("mla_moe", "float16", "muon")])
+def test_mixed_precision_learns_and_resumes_exactly(data, tmp_path, arch, dtype, optimizer):
     """bfloat16 autocast, and float16 with the GradScaler (older GPUs): the loss falls, and 8 steps, a
     checkpoint and 8 more equal 16 steps bit for bit, the scaler's state included."""
-    args = [*(MOE if arch == "mla_moe" else []), f"--dtype={dtype}", "--eval_interval=8", "--lr_decay_iters=16"]
+    args = [*(MOE if arch == "mla_moe" else []), f"--dtype={dtype}", "--eval_interval=8", "--lr_decay_iters=16",
+            f"--optimizer={optimizer}"]
     whole = run_inprocess(data, tmp_path / "whole", *args, "--max_iters=16")
     part = run_inprocess(data, tmp_path / "part", *args, "--max_iters=8")
     run_inprocess(data, part, *args, "--max_iters=16", "--init_from=resume")
@@ -336,12 +403,14 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("arch, dtype", [("mla_moe", "bfloat16"), ("gqa", "float32")])
-def test_compiled_training_matches_eager_and_resumes_exactly(data, tmp_path, arch, dtype, fresh_dynamo):
+@pytest.mark.parametrize("arch, dtype, optimizer", [("mla_moe", "bfloat16", "adamw"), ("gqa", "float32", "adamw"),
+                                                    ("gqa", "float32", "muon")])
+def test_compiled_training_matches_eager_and_resumes_exactly(data, tmp_path, arch, dtype, optimizer, fresh_dynamo):
     """torch.compile (inductor runs on CPUs too) as train.py uses it on a GPU: per-step losses within
     float32 rounding (1e-4 relative) or bfloat16's (2e-2) of eager, a checkpoint without the compiled
     wrapper's names, and an exact resume of a compiled run."""
-    args = [*(MOE if arch == "mla_moe" else []), f"--dtype={dtype}", "--eval_interval=4", "--lr_decay_iters=8"]
+    args = [*(MOE if arch == "mla_moe" else []), f"--dtype={dtype}", "--eval_interval=4", "--lr_decay_iters=8",
+            f"--optimizer={optimizer}"]
     eager = run_inprocess(data, tmp_path / "eager", *args, "--max_iters=8")
     compiled = run_inprocess(data, tmp_path / "compiled", *args, "--max_iters=8", "--compile=True")
     tol = 1e-4 if dtype == "float32" else 2e-2
@@ -358,15 +427,17 @@ def test_compiled_training_matches_eager_and_resumes_exactly(data, tmp_path, arc
 PROBE = os.path.join(ROOT, "tests", "ddp_probe.py")
 
 
-@pytest.mark.parametrize("accumulation, batch, mtp_depth", [(4, 4, 0), (3, 4, 1)],
-                         ids=["micro_steps_shared", "micro_batches_split_mtp"])
-def test_torchrun_two_ranks_match_one_process(data, tmp_path, accumulation, batch, mtp_depth):
+@pytest.mark.parametrize("accumulation, batch, mtp_depth, optimizer", [(4, 4, 0, "adamw"), (3, 4, 1, "adamw"),
+                                                                       (3, 4, 1, "muon")],
+                         ids=["micro_steps_shared", "micro_batches_split_mtp", "micro_batches_split_mtp_muon"])
+def test_torchrun_two_ranks_match_one_process(data, tmp_path, accumulation, batch, mtp_depth, optimizer):
     """Two Gloo ranks against one process with the same settings: the same losses, expert loads, balancing
     biases and weights. With 4 micro-batches each rank runs 2 of them and all-reduces on the second only; with
     3 (not divisible by 2) every micro-batch of 4 sequences is split into two halves. The second run has an
     MTP module: its losses, its MoE block's loads and its weights agree too."""
     args = [*TINY, *MOE, f"--dataset={data}", "--max_iters=4", "--eval_interval=4",
-            f"--gradient_accumulation_steps={accumulation}", f"--batch_size={batch}", f"--mtp_depth={mtp_depth}"]
+            f"--gradient_accumulation_steps={accumulation}", f"--batch_size={batch}", f"--mtp_depth={mtp_depth}",
+            f"--optimizer={optimizer}"]
     count = tmp_path / "synced"
     ddp = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", PROBE, count, *args,
                      f"--out_dir={tmp_path / 'ddp'}")
@@ -422,7 +493,8 @@ def test_training_with_an_mtp_module(data, tmp_path):
     x, y = split.batch(torch.randint(split.windows, (1, 4), generator=generator)[0], torch.device("cpu"))
     net = model_from_checkpoint(at_4).train()
     with torch.no_grad():
-        logits, losses = net(x, y)
+        _, losses = net(x, y)
+        logits = net.lm_head(net.trunk(x)[0])
     step_5 = next(r for r in steps if r["iter"] == 5)
     assert step_5["loss"] == pytest.approx(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item(), abs=1e-5)
     assert step_5["mtp_losses"][0] == pytest.approx(losses.mtp[0].item(), abs=1e-5)
@@ -436,7 +508,7 @@ def test_training_with_an_mtp_module(data, tmp_path):
         with torch.no_grad():
             h, emb = net.trunk(xy[:, :-1])
             main.append(F.cross_entropy(net.lm_head(h).flatten(0, 1), xy[:, 1:].flatten()).item())
-            mtp.append(F.cross_entropy(net.mtp_logits(h, emb)[0].flatten(0, 1), xy[:, 2:].flatten()).item())
+            mtp.append(F.cross_entropy(net.lm_head(net.mtp_states(h, emb)[0]).flatten(0, 1), xy[:, 2:].flatten()).item())
     assert evals[-1]["val_loss"] == pytest.approx(sum(main) / len(main), abs=1e-5)
     assert evals[-1]["val_mtp_losses"][0] == pytest.approx(sum(mtp) / len(mtp), abs=1e-5)
     assert not math.isclose(evals[-1]["val_loss"], evals[-1]["val_mtp_losses"][0], abs_tol=1e-3)
@@ -582,11 +654,15 @@ def test_gradients_are_clipped_to_grad_clip(data, tmp_path):
 # ---- bad input: one line on stderr, non-zero exit, no traceback, nothing lost ----
 
 BAD = {  # name: (extra args, env, what the message must say)
-    "no_dataset": (["--dataset=/nonexistent/tiny"], {}, "prepare.py"),
-    "vocab_too_big": (["--vocab_size=32"], {}, "vocab"),
-    "shards_too_short": (["--block_size=3000"], {}, "block_size + 1"),
+    "no_dataset": (["--dataset=/nonexistent/tiny", "--out_dir={new}"], {}, "prepare.py"),
+    "vocab_too_big": (["--vocab_size=32", "--out_dir={new}"], {}, "vocab"),
+    "shards_too_short": (["--block_size=3000", "--out_dir={new}"], {}, "block_size + 1"),
+    "a_run_is_there": ([], {}, "--init_from=resume`"),
+    "overwrite_bad_settings": (["--overwrite=True", "--vocab_size=32"], {}, "vocab"),  # and nothing is lost
+    "overwrite_resume": (["--overwrite=True", "--init_from=resume"], {}, "does not go with"),
     "no_checkpoint": (["--init_from=resume", "--out_dir={empty}"], {}, "no checkpoint"),
     "other_architecture": (["--init_from=resume", "--n_layer=3"], {}, "different model"),
+    "other_optimizer": (["--init_from=resume", "--optimizer=muon"], {}, "trained with --optimizer=adamw, not muon"),
     "truncated": (["--init_from=resume", "--out_dir={truncated}"], {}, "truncated or corrupt"),
     "corrupt": (["--init_from=resume", "--out_dir={corrupt}"], {}, "truncated or corrupt"),
     "pickle": (["--init_from=resume", "--out_dir={pickle}"], {}, "pickle"),
@@ -640,7 +716,7 @@ def bad_runs(trained, data, tmp_path_factory):
     open(os.path.join(dirs["corrupt"], "ckpt.pt"), "wb").write(np.random.default_rng(0).bytes(5000))
     torch.save({"model": {}, "model_config": {}, "settings": {}, "evil": argparse_namespace()},
                os.path.join(dirs["pickle"], "ckpt.pt"))
-    dirs["file"] = str(tmp / "a_file")
+    dirs["file"], dirs["new"] = str(tmp / "a_file"), str(tmp / "new")
     open(dirs["file"], "w").close()
     files = [os.path.join(trained, "ckpt.pt"), os.path.join(trained, "metrics.jsonl")] + \
         [os.path.join(dirs[n], "ckpt.pt") for n in ("truncated", "corrupt", "pickle")]

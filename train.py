@@ -70,7 +70,7 @@ class TrainConfig:
     dataset: str = "cosmopedia"         # data/<dataset>/ as written by prepare.py (or a path)
     batch_size: int = 16                # sequences per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (over all ranks)
-    # AdamW with linear warmup, then cosine decay to min_lr at lr_decay_iters
+    # the optimizer, with linear warmup, then cosine decay to min_lr at lr_decay_iters
     learning_rate: float = 6e-4         # the peak, reached at the end of the warmup
     min_lr: float = 6e-5                # the floor the cosine decays to (about learning_rate / 10)
     warmup_iters: int = 200             # steps of linear warmup from 0
@@ -80,7 +80,8 @@ class TrainConfig:
     beta1: float = 0.9                  # AdamW's momentum
     beta2: float = 0.95                 # AdamW's second-moment decay
     grad_clip: float = 1.0              # clip the global gradient norm to this; 0 = no clipping
-    optimizer: str = "adamw"            # "adamw", or "muon": Muon for the hidden matrices and experts (optim.py)
+    optimizer: str = "muon"             # "muon": Muon for the hidden matrices and experts, AdamW for the rest
+                                        # (optim.py; it won the README's time-to-loss study); "adamw": AdamW for all
     muon_lr_ratio: float = 1.0          # Muon's learning rate over the schedule's (which AdamW's groups follow)
     muon_momentum: float = 0.95         # Muon's Nesterov momentum
     muon_scale: str = "match_rms_adamw"  # update scale per matrix: "match_rms_adamw" (Moonshot) or "original" (Keller)

@@ -140,7 +140,7 @@ def test_build_optimizer_groups_and_the_ns_precision():
     assert {g["lr"] for g in muon} == {2e-3} and {g["weight_decay"] for g in muon} == {0.05}
     assert [g["weight_decay"] for g in opt.param_groups if not g["use_muon"]] == [0.05, 0.0]  # router; norms, embedding
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
-    adamw = build_optimizer(model, train.TrainConfig(), job("float32"))
+    adamw = build_optimizer(model, train.TrainConfig(optimizer="adamw"), job("float32"))
     assert type(adamw) is torch.optim.AdamW and len(adamw.param_groups) == len(param_groups(model, 0.1)) == 2
 
 

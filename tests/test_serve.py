@@ -136,8 +136,7 @@ def test_a_full_line_answers_503(served, monkeypatch):
     with serving(serve.build_app(served, queue_size=2)) as running, ThreadPoolExecutor(2) as pool:
         url = running.url
         first = [pool.submit(request, f"{url}/v1/completions", body) for _ in range(2)]
-        wait_until(lambda: queued(url) == 2)
-        assert gate.waiting.is_set()
+        wait_until(lambda: queued(url) == 2 and gate.waiting.is_set())  # one decoding (held), one in line
         status, busy = request(f"{url}/v1/completions", body)
         assert status == 503 and busy["error"]["message"].startswith("the server is busy")
         gate.open()

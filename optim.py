@@ -46,8 +46,8 @@ def build_optimizer(model, cfg, job):
     taken = {id(p) for group in muon for p in group["params"]}
     rest = [{**group, "params": [p for p in group["params"] if id(p) not in taken]}
             for group in param_groups(model, cfg.weight_decay)]
-    return MuonAdamW(muon + [g for g in rest if g["params"]], lr=cfg.learning_rate, betas=betas,
-                     momentum=cfg.muon_momentum, scale_rule=cfg.muon_scale, fused=fused,
+    defaults = dict(lr=cfg.learning_rate, betas=betas, momentum=cfg.muon_momentum, scale_rule=cfg.muon_scale)
+    return MuonAdamW(muon + [g for g in rest if g["params"]], defaults, fused=fused,
                      ns_dtype=torch.bfloat16 if job.dtype == "bfloat16" else torch.float32)
 
 
@@ -116,10 +116,9 @@ class MuonAdamW(torch.optim.Optimizer):
     others (lr, weight_decay, betas, eps): one optimizer, one state_dict. Muon's state is a momentum buffer per
     parameter, AdamW's its two moments and step count, as torch.optim.AdamW keeps them."""
 
-    def __init__(self, params, lr, betas, momentum, scale_rule, fused=False, ns_dtype=torch.bfloat16):
-        defaults = dict(lr=lr, betas=betas, eps=1e-8, weight_decay=0.0, use_muon=False, momentum=momentum,
-                        scale_rule=scale_rule, parts=[])
-        super().__init__(params, defaults)
+    def __init__(self, params, defaults, fused=False, ns_dtype=torch.bfloat16):
+        """defaults: lr, betas (AdamW's), momentum and scale_rule (Muon's), for the groups that do not set them."""
+        super().__init__(params, dict(eps=1e-8, weight_decay=0.0, use_muon=False, parts=[], **defaults))
         self.fused, self.ns_dtype = fused, ns_dtype
 
     @torch.no_grad()

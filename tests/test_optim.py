@@ -41,8 +41,8 @@ def test_muon_equals_torch_muon_on_matrices(scale_rule):
     lr, wd = 0.02, 0.1
     ours, theirs = fresh(MATRICES), fresh(MATRICES)
     start = [p.detach().clone() for p in ours]
-    a = train_steps(ours, MuonAdamW([{"params": ours, "use_muon": True, "weight_decay": wd}], lr=lr, betas=(0.9, 0.95),
-                                    momentum=0.95, scale_rule=scale_rule))
+    a = train_steps(ours, MuonAdamW([{"params": ours, "use_muon": True, "weight_decay": wd}],
+                                    dict(lr=lr, betas=(0.9, 0.95), momentum=0.95, scale_rule=scale_rule)))
     b = train_steps(theirs, torch.optim.Muon(theirs, lr=lr, weight_decay=wd, momentum=0.95, adjust_lr_fn=scale_rule))
     for step_a, step_b in zip(a, b):
         for p, q, shape in zip(step_a, step_b, MATRICES):
@@ -54,8 +54,8 @@ def test_muon_equals_torch_muon_on_matrices(scale_rule):
 def test_float32_newton_schulz_stays_within_bfloat16_rounding_of_torch_muon():
     """The NS5 of a float32 run (optim.build_optimizer) is torch's iteration without its bfloat16 rounding."""
     ours, theirs = fresh(MATRICES), fresh(MATRICES)
-    a = train_steps(ours, MuonAdamW([{"params": ours, "use_muon": True}], lr=0.02, betas=(0.9, 0.95), momentum=0.95,
-                                    scale_rule="original", ns_dtype=torch.float32))
+    a = train_steps(ours, MuonAdamW([{"params": ours, "use_muon": True}], dict(lr=0.02, betas=(0.9, 0.95), momentum=0.95,
+                                    scale_rule="original"), ns_dtype=torch.float32))
     b = train_steps(theirs, torch.optim.Muon(theirs, lr=0.02, weight_decay=0.0, momentum=0.95))
     for p, q in zip(a[-1], b[-1]):
         torch.testing.assert_close(p, q, rtol=0, atol=0.05 * 0.02)  # a few % of a step, over 4 steps
@@ -68,8 +68,8 @@ def test_experts_and_fused_parts_equal_torch_muon_per_matrix():
     E, I, D = 3, 16, 24
     stacked = fresh([(E, 2 * I, D), (E, D, I)])
     opt = MuonAdamW([{"params": stacked[:1], "use_muon": True, "parts": [I, I], "weight_decay": 0.1},
-                     {"params": stacked[1:], "use_muon": True, "weight_decay": 0.1}], lr=0.02, betas=(0.9, 0.95),
-                    momentum=0.95, scale_rule="original")
+                     {"params": stacked[1:], "use_muon": True, "weight_decay": 0.1}], dict(lr=0.02, betas=(0.9, 0.95),
+                    momentum=0.95, scale_rule="original"))
     matrices = lambda gate_up, down: [m for e in gate_up for m in e.split(I)] + list(down)  # gate, up of e; downs
     apart = [torch.nn.Parameter(m.detach().clone()) for m in matrices(*stacked)]
     targets = [torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) for p in stacked]
@@ -83,11 +83,11 @@ def test_experts_and_fused_parts_equal_torch_muon_per_matrix():
     for p, q in zip(matrices(*stacked), apart):
         torch.testing.assert_close(p, q, rtol=0, atol=2e-3 * 0.02 * lr_scale("original", *q.shape))
     # the halves' NS5 differs from the whole matrix's: the split is not a no-op
-    whole = MuonAdamW([{"params": fresh([(E, 2 * I, D)]), "use_muon": True}], lr=0.02, betas=(0.9, 0.95),
-                      momentum=0.95, scale_rule="original")
+    whole = MuonAdamW([{"params": fresh([(E, 2 * I, D)]), "use_muon": True}], dict(lr=0.02, betas=(0.9, 0.95),
+                      momentum=0.95, scale_rule="original"))
     halves = fresh([(E, 2 * I, D)])
-    split = MuonAdamW([{"params": halves, "use_muon": True, "parts": [I, I]}], lr=0.02, betas=(0.9, 0.95),
-                      momentum=0.95, scale_rule="original")
+    split = MuonAdamW([{"params": halves, "use_muon": True, "parts": [I, I]}], dict(lr=0.02, betas=(0.9, 0.95),
+                      momentum=0.95, scale_rule="original"))
     assert not torch.allclose(train_steps(whole.param_groups[0]["params"], whole, 1)[0][0],
                               train_steps(halves, split, 1)[0][0], atol=1e-4)
 
@@ -98,7 +98,8 @@ def test_adamw_groups_equal_torch_adamw(fused):
     shapes = [(8, 6), (6,), (5, 4)]
     ours, theirs = fresh(shapes), fresh(shapes)
     groups = lambda ps: [{"params": ps[::2], "weight_decay": 0.1}, {"params": ps[1:2], "weight_decay": 0.0}]
-    a = train_steps(ours, MuonAdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95), momentum=0.95, scale_rule="original",
+    a = train_steps(ours, MuonAdamW(groups(ours), dict(lr=1e-2, betas=(0.9, 0.95), momentum=0.95,
+                                                       scale_rule="original"),
                                     fused=fused))
     b = train_steps(theirs, torch.optim.AdamW(groups(theirs), lr=1e-2, betas=(0.9, 0.95), fused=fused))
     for p, q in zip(a[-1], b[-1]):

@@ -119,15 +119,18 @@ def apply_rope(x, cos, sin):
 
 
 @torch.compiler.assume_constant_result  # a fact about the machine: no graph break, no guard
-@functools.cache  # asked once per device, dtype and head sizes
 def unpadded_attention_runs(device, dtype, qk_dim, v_dim):
     """Whether attend runs a value head smaller than the query/key head (MLA: 128 and 192 in DeepSeek-V3) unpadded,
     with cuDNN's fused kernel: on CUDA GPUs where PyTorch's own check, which knows the GPU and the cuDNN version,
     accepts these head sizes in this dtype, forward and backward. Elsewhere (CPUs, whose flash kernel needs one head
     size; float32; older GPUs or cuDNN) attend pads the values to the query's size: (qk_dim - v_dim) / v_dim more
     work on them, but a fused kernel instead of the slow math fallback."""
-    if device.type != "cuda" or not torch.backends.cuda.cudnn_sdp_enabled():
-        return False
+    return device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled() and \
+        cudnn_takes_unequal_heads(device, dtype, qk_dim, v_dim)
+
+
+@functools.cache  # asked once per device, dtype and head sizes (apart: dynamo would trace into a cached function)
+def cudnn_takes_unequal_heads(device, dtype, qk_dim, v_dim):
     # a causal training-shaped probe, with gradients: the backward's limits count too
     q = torch.zeros(1, 1, 256, qk_dim, device=device, dtype=dtype, requires_grad=True)
     v = torch.zeros(1, 1, 256, v_dim, device=device, dtype=dtype, requires_grad=True)

@@ -398,16 +398,21 @@ def describe(run, peak_note, dtype_note):
         lines.append(f"MoE experts: {experts_path(job)}")
     qk, v = model.config.qk_nope_head_dim + model.config.qk_rope_head_dim, model.config.v_head_dim
     if model.config.attention == "mla" and v < qk:
-        lines.append("MLA attention: " + (f"values unpadded ({v} dims, queries and keys {qk}), cuDNN's kernel"
-                     if unpadded_attention_runs(job.device, DTYPES[job.dtype], qk, v) else
-                     f"values zero-padded from {v} to {qk} dims for a fused kernel (unpadded needs cuDNN's, on a "
-                     "CUDA GPU in bfloat16 or float16)"))
+        lines.append(f"MLA attention: {attention_path(job, qk, v)}")
     vocab, data_vocab = model.config.vocab_size, run.data.meta["vocab_size"]
     lines.append(f"data: {run.data.dir} ({run.data.train.tokens:,} train tokens; the model's vocabulary: "
                  + (f"its {vocab:,} tokens" if vocab == data_vocab else f"{vocab:,} (vocab_size), its {data_vocab:,}")
                  + "); "
                  + (f"resuming at iteration {state.iter_num}" if state.start_iter else f"init from {cfg.init_from}"))
     return lines
+
+
+def attention_path(job, qk, v):
+    """How MLA's attention runs its value heads (v dims, narrower than the qk of queries and keys), in words."""
+    if unpadded_attention_runs(job.device, DTYPES[job.dtype], qk, v):
+        return f"values unpadded ({v} dims, queries and keys {qk}), cuDNN's kernel"
+    return (f"values zero-padded from {v} to {qk} dims for a fused kernel (unpadded needs cuDNN's, on a CUDA GPU in "
+            "bfloat16 or float16)")
 
 
 def experts_path(job):

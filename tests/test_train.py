@@ -746,3 +746,11 @@ def test_bad_input(bad_runs, name):
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-1000:]
     assert BAD[name][2] in lines[0]
     assert before == after  # no checkpoint or log was touched, corrupt checkpoints included
+
+
+def test_the_startup_line_says_which_mla_attention_path_runs(monkeypatch):
+    from device import Job
+    job = Job(torch.device("cpu"), "float32")
+    assert train.attention_path(job, 24, 16).startswith("values zero-padded from 16 to 24 dims")  # a CPU pads
+    monkeypatch.setattr(train, "unpadded_attention_runs", lambda device, dtype, qk, v: True)
+    assert train.attention_path(job, 24, 16) == "values unpadded (16 dims, queries and keys 24), cuDNN's kernel"

@@ -28,7 +28,7 @@ BF16_GAIN = 1.1
 @dataclass
 class Job:
     """Where this process works and how: its device, precision (a DTYPES name), whether it compiles the model, and
-    its place among the DDP ranks with its share of a step's batch_size x gradient_accumulation_steps sequences."""
+    its place among the ranks (DDP or FSDP) with its share of a step's batch_size x gradient_accumulation_steps sequences."""
     device: torch.device
     dtype: str
     compile: bool = False
@@ -37,9 +37,11 @@ class Job:
     local_rank: int = 0
     micro_steps: int = 1                # micro-batches this rank runs per optimizer step
     micro_batch: int = 1                # sequences per micro-batch on this rank
+    fsdp: bool = False                  # the model, its gradients and optimizer state sharded across the ranks
 
     @property
-    def ddp(self):
+    def distributed(self):
+        """More than one rank: DDP, or FSDP."""
         return self.world > 1
 
     @property

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from safetensors.torch import save_file
 
 from atomic import atomic_write
-from checkpoint import checkpoint_tokenizer, load_checkpoint, model_from_checkpoint
+from checkpoint import checkpoint_in, checkpoint_tokenizer, load_checkpoint, model_from_checkpoint
 from configurator import UserError, configure, run_main
 from gguf_format import write_gguf
 from hf_format import hf_config, hf_tensors
@@ -34,7 +34,7 @@ from tokenizer import eot_id
 @dataclass
 class ExportConfig:
     """export.py's settings (configurator.py: --key=value)."""
-    out_dir: str = "out"                # the directory holding ckpt.pt
+    out_dir: str = "out"                # the directory holding the checkpoint (ckpt.pt or ckpt.dcp)
     format: str = "hf"                  # "hf" (a transformers directory) or "gguf" (one file for llama.cpp)
     outtype: str = ""                   # gguf only: f32, f16, bf16 or q8_0; "" means f16
     output: str = ""                    # where to write; "" means out_dir/hf or out_dir/model-{outtype}.gguf
@@ -77,7 +77,7 @@ def main(argv=None):
     if fmt == "hf" and outtype:
         raise UserError("--outtype is for --format=gguf; the transformers export keeps the checkpoint's float32")
     outtype = outtype or "f16"  # write_gguf refuses any other than OUTTYPES before it writes
-    ckpt = load_checkpoint(os.path.join(settings.out_dir, "ckpt.pt"))
+    ckpt = load_checkpoint(checkpoint_in(settings.out_dir))
     model, tokenizer = model_from_checkpoint(ckpt), checkpoint_tokenizer(ckpt)
     mla = model.config.attention == "mla"
     if fmt == "hf":

@@ -660,7 +660,7 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if active:
             for moe in self.moe_layers():
-                per_expert = sum(p[0].numel() for p in moe.experts.parameters())
+                per_expert = sum(p.numel() // moe.n_routed_experts for p in moe.experts.parameters())  # [E, ...] each
                 n -= (moe.n_routed_experts - moe.top_k) * per_expert
         return n
 

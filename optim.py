@@ -16,12 +16,15 @@ gate and up halves, since each part is a linear map of its own that only shares 
 README's Muon section has the measurement against orthogonalizing the fused matrix whole.
 
 One torch.optim.Optimizer holds both rules, each param group saying which it uses (use_muon): the checkpoint
-(state_dict), the GradScaler (unscale_, step), gradient clipping and the LR schedule see one optimizer.
+(state_dict), the GradScaler (unscale_, step), gradient clipping and the LR schedule see one optimizer. Under FSDP
+(train.py --fsdp=True) the parameters are row shards (DTensors): AdamW works on the shards as they are, and Muon
+gathers each matrix to orthogonalize it whole (every rank alike; experts, sharded by expert, need no gather).
 """
 
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim.adamw import adamw
 
 from model import Experts, GroupedQueryAttention, MLP
@@ -140,10 +143,21 @@ class MuonAdamW(torch.optim.Optimizer):
             buf.lerp_(p.grad, 1 - mu)                                      # B = mu B + (1 - mu) G
             update = p.grad.lerp(buf, mu)                                  # Nesterov: (1 - mu) G + mu B
             p.mul_(1 - lr * group["weight_decay"])
-            sizes = group["parts"] or [p.size(-2)]
-            for w, u in zip(p.split(sizes, dim=-2), update.split(sizes, dim=-2)):  # views: w is written in place
-                scale = lr_scale(group["scale_rule"], *u.shape[-2:])
-                w.add_(orthogonalize(u, self.ns_dtype).to(w.dtype), alpha=-lr * scale)
+            p.add_(self.orthogonal_update(update, group), alpha=-lr)
+
+    def orthogonal_update(self, update, group):
+        """NS5 of each part of each matrix, times its scale. Under FSDP (a DTensor) NS5 needs whole matrices: a matrix
+        sharded by its rows is gathered, orthogonalized on every rank alike, and this rank keeps its rows; experts
+        [E, m, n] sharded by E are whole matrices already."""
+        whole = isinstance(update, DTensor) and any(s.is_shard() and s.dim >= update.dim() - 2 for s in update.placements)
+        u = update.full_tensor() if whole else update.to_local() if isinstance(update, DTensor) else update
+        parts = u.split(group["parts"] or [u.size(-2)], dim=-2)
+        o = torch.cat([orthogonalize(x, self.ns_dtype).to(u.dtype) * lr_scale(group["scale_rule"], *x.shape[-2:])
+                       for x in parts], dim=-2)
+        if isinstance(update, DTensor):  # this rank's shard (no communication: every rank holds o)
+            o = distribute_tensor(o, update.device_mesh, update.placements, src_data_rank=None) if whole else \
+                DTensor.from_local(o, update.device_mesh, update.placements, shape=update.shape, stride=update.stride())
+        return o
 
     def adamw_step(self, group):
         """torch.optim.AdamW's update, by its own functional form (fused when the optimizer is)."""

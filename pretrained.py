@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from checkpoint import checkpoint_tokenizer, load_checkpoint, model_from_checkpoint
+from checkpoint import checkpoint_in, checkpoint_tokenizer, load_checkpoint, model_from_checkpoint
 from configurator import UserError, from_settings, read_file
 from gguf_format import gguf_name
 from hf_format import fuse, interleaved_to_half, our_name, unfuse
@@ -128,10 +128,10 @@ def check_init_from(init_from):
 
 
 def load_model(init_from, out_dir):
-    """(model, tokenizer) as --init_from says: "resume" is the train.py checkpoint out_dir/ckpt.pt, "smollm2-135m"
+    """(model, tokenizer) as --init_from says: "resume" is the train.py checkpoint in out_dir (ckpt.pt or ckpt.dcp), "smollm2-135m"
     the pretrained weights."""
     check_init_from(init_from)
     if init_from == "smollm2-135m":
         return smollm2_135m()
-    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    ckpt = load_checkpoint(checkpoint_in(out_dir))
     return model_from_checkpoint(ckpt), checkpoint_tokenizer(ckpt)

@@ -4,6 +4,7 @@ Train a DeepSeek-style model (MLA + DeepSeekMoE, or dense GQA) with a hand-writt
     python train.py config/cpu_moe.py                        # the CPU demo
     python train.py config/deepseek_moe.py --batch_size=8    # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/deepseek_moe.py
+    torchrun --standalone --nproc_per_node=8 train.py config/customllm_1b.py --fsdp=True  # sharded (FSDP2)
     python train.py config/cpu_moe.py --init_from=resume     # continue out_dir/ckpt.pt exactly
     python train.py config/finetune_smollm2.py --dataset=NAME  # fine-tune the released SmolLM2-135M
     python train.py -h                                       # every setting: its default and meaning
@@ -13,12 +14,14 @@ ModelConfig field is a setting too. `batch_size` is the micro-batch (sequences p
 `gradient_accumulation_steps` the number of micro-batches per optimizer step, both counted over the
 whole job: under DDP the ranks share the accumulation steps (or, when those do not divide, each
 micro-batch), so a step sees the same batch_size * gradient_accumulation_steps sequences, drawn in
-the same order, on any number of ranks.
+the same order, on any number of ranks. Under DDP every rank holds the whole model, its gradients and the optimizer
+state; --fsdp=True shards all three across the ranks (FSDP2: shard), for models that do not fit one GPU that way.
 
 Exact resume: a checkpoint holds everything the following steps depend on (weights incl. the MoE
 balancing biases, optimizer and grad scaler state, iteration, the data sampler's generator, the torch
 RNG of every rank, the validation windows), so `init_from=resume` after a crash replays the steps
-since the last checkpoint bit for bit on CPU. A new run never replaces the run in out_dir unless --overwrite=True.
+since the last checkpoint bit for bit on CPU (checkpoint.py: ckpt.pt, or the DCP directory ckpt.dcp under FSDP,
+which resumes on any number of ranks). A new run never replaces the run in out_dir unless --overwrite=True.
 """
 
 import contextlib
@@ -35,10 +38,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from checkpoint import (TrainState, load_checkpoint, model_from_checkpoint, restore_rng, restore_state, rng_states,
-                        save_state)
+from checkpoint import (SHARDED, PLAIN, TrainState, checkpoint_in, load_checkpoint, model_from_checkpoint,
+                        remove_checkpoint, restore_rng, restore_state, rng_states, save_state)
 from configurator import UserError, configure, run_main
 from data import Dataset, more_data, open_dataset, text_bytes
 from device import DTYPES, Job, auto_cpu_dtype, autocast, cpu_matmul_peak, peak_flops, pick_device, pick_dtype
@@ -90,7 +94,9 @@ class TrainConfig:
     device: str = "auto"                # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1", "mps"
     dtype: str = "auto"                 # "auto" (GPUs: bfloat16, float16 on older ones; CPUs: the faster for this
                                         # model), "float32", "bfloat16", "float16"
-    compile: bool | None = None         # torch.compile; None = on CUDA only
+    compile: bool | None = None         # torch.compile; None = on CUDA only (per block under FSDP)
+    fsdp: bool = False                  # shard parameters, gradients and optimizer state across the ranks (FSDP2;
+                                        # checkpoints become DCP directories, ckpt.dcp); False = DDP when under torchrun
     seed: int = 1337                    # the initial weights, the data order and the validation windows
     # the model: every ModelConfig field (model.py), e.g. --n_layer=4 --n_routed_experts=8
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -124,7 +130,8 @@ class TrainConfig:
 
     @property
     def ckpt_path(self):
-        return os.path.join(self.out_dir, "ckpt.pt")
+        """out_dir's checkpoint as it is now (ckpt.pt, or ckpt.dcp from a run under FSDP): see checkpoint_in."""
+        return checkpoint_in(self.out_dir)
 
 
 def main(argv=None):
@@ -135,12 +142,13 @@ def main(argv=None):
     check_new_run(cfg, command)  # on every rank, before any of them writes
     if job.master:
         check_writable(cfg.out_dir)
-    if job.ddp:
-        dist.init_process_group(backend="nccl" if job.device.type == "cuda" else "gloo")
+    if job.distributed or job.fsdp:  # FSDP on one process (e.g. resuming on 1 rank) still needs a process group
+        store = {} if job.distributed else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+        dist.init_process_group(backend="nccl" if job.device.type == "cuda" else "gloo", **store)
     try:
         train(cfg, job, command)
     finally:
-        if job.ddp:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -183,8 +191,12 @@ def make_job(cfg):
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
-    return Job(device, pick_dtype(cfg.dtype, device), use_compile, world, rank, local_rank, micro_steps,
-               micro_batch)
+    dtype = pick_dtype(cfg.dtype, device)
+    if cfg.fsdp and (dtype == "float16" or device.type == "mps"):
+        raise UserError(f"--fsdp=True trains on CUDA GPUs or CPUs in bfloat16 or float32, not {dtype} on {device.type} "
+                        "(float16's gradient scaler would need the ranks' shards to agree on overflows): pass "
+                        "--dtype=bfloat16 or --dtype=float32, or leave --fsdp off")
+    return Job(device, dtype, use_compile, world, rank, local_rank, micro_steps, micro_batch, cfg.fsdp)
 
 
 def check_writable(out_dir):
@@ -237,11 +249,11 @@ def start_run(cfg, job):
     data = open_dataset(cfg.dataset, cfg.model.block_size)
     ckpt = load_checkpoint(cfg.ckpt_path) if cfg.init_from == "resume" else None
     model, tokenizer = build_model(cfg, ckpt, data)
-    model.to(job.device)
     dtype_note = ""
     if cfg.dtype == "auto":
         job.dtype, dtype_note = auto_dtype(cfg, ckpt, model, job)
     cfg = dataclasses.replace(cfg, dtype=job.dtype)  # the checkpoint records the precision the run trains in
+    model = shard(model, job)  # before the optimizer: FSDP replaces the parameters with their shards
     state = new_state(cfg, model, job, data)
     if ckpt is not None:
         restore_state(state, ckpt)
@@ -250,11 +262,13 @@ def start_run(cfg, job):
         restore_rng(ckpt, job)
     del ckpt  # its tensors now live in the model and optimizer
     run = Run(cfg, job, data, state, wrap(model, job), data.tokenizer or tokenizer, stop=Stop())
-    if run.tokenizer and job.master:
+    if run.tokenizer and (job.master or job.fsdp):  # under FSDP every rank takes part in the samples' forwards
         run.tok = Tokenizer.from_str(run.tokenizer)
         run.val_bytes = text_bytes(run.tok, data.val, state.val_windows, data.meta["eot_id"])
     if cfg.overwrite and job.master:  # asked for, and every setting checked: the earlier run goes now
-        for name in ("ckpt.pt", "metrics.jsonl", "samples.jsonl"):
+        for name in (PLAIN, SHARDED):
+            remove_checkpoint(os.path.join(cfg.out_dir, name))
+        for name in ("metrics.jsonl", "samples.jsonl"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(cfg.out_dir, name))
     peak, peak_note = peak_flops(job.device, job.dtype) if job.master else (None, "")
@@ -285,11 +299,14 @@ def build_model(cfg, ckpt, data):
         tokenizer = tok.to_str()
         check_vocab(model.config.vocab_size, vocab, data, "SmolLM2-135M (the cosmo2 tokenizer)")
     elif ckpt is not None:
-        model = model_from_checkpoint(ckpt)
+        model = model_from_checkpoint(ckpt, weights="sharded" not in ckpt)  # restore_state loads a DCP directory's
         check_same_model(cfg.model, model.config, f"checkpoint {cfg.ckpt_path}", ignore=("mtp_loss_weight",) + unset)
         # the MTP loss weight may change on resume (DeepSeek-V3 went from 0.3 to 0.1 for its last 4.8T tokens)
         model.config = dataclasses.replace(model.config, mtp_loss_weight=cfg.model.mtp_loss_weight)
         check_same_optimizer(cfg, ckpt)
+        if cfg.fsdp and "sharded" not in ckpt:
+            raise UserError(f"{cfg.ckpt_path} was written without FSDP (one file): resume it without --fsdp=True "
+                            "(a run under FSDP writes, and resumes from, a sharded ckpt.dcp)")
         if unset:
             check_vocab(model.config.vocab_size, vocab, data, f"the checkpoint {cfg.ckpt_path}")
     else:
@@ -338,7 +355,7 @@ def auto_dtype(cfg, ckpt, model, job):
         peaks = {d: cpu_matmul_peak(torch.get_num_threads(), d) for d in ("float32", "bfloat16")}
         flops_per_step = model.flops_per_token(block) * job.micro_batch * block
         choice = [auto_cpu_dtype(step_timer(model, job.micro_batch, block), peaks, flops_per_step)]
-    if job.ddp:
+    if job.distributed:
         dist.broadcast_object_list(choice, src=0)
     return choice[0]
 
@@ -370,13 +387,37 @@ def new_state(cfg, model, job, data):
     return TrainState(model, optimizer, scaler, torch.Generator().manual_seed(cfg.seed), val_windows)
 
 
+def shard(model, job):
+    """The model on its device, and under FSDP (job.fsdp) sharded in place with FSDP2's fully_shard, as torchtitan
+    does: each block, each MTP module, then the root (embedding, final norm, head) keep 1/world of their parameters
+    on this rank, all-gathered for their forward and backward and freed after, their gradients reduce-scattered.
+    In bfloat16 the gathered parameters are bfloat16 (the shards, gradients and optimizer stay float32) and the
+    gradients are reduced in float32. Buffers are not sharded: the balancing biases stay whole on every rank, equal
+    since every rank applies the same all-reduced counts. With job.compile, each block is compiled on its own."""
+    if not job.fsdp:
+        return model.to(job.device)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(job.device.type, (job.world,))  # fully_shard moves the shards to this device
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if job.dtype == "bfloat16" else MixedPrecisionPolicy()
+    for block in [*model.layers, *model.mtp]:
+        if job.compile:
+            block.compile()
+        fully_shard(block, mesh=mesh, mp_policy=precision)
+    return fully_shard(model, mesh=mesh, mp_policy=precision)
+
+
 def wrap(model, job):
-    """The model as training runs it: compiled (job.compile) and, under DDP, wrapped so that gradients are
-    all-reduced. broadcast_buffers=False: the ranks' expert counters must not be overwritten by rank 0's; the
-    balancing biases stay equal anyway, since every rank applies the same all-reduced counts."""
+    """The model as training runs it: compiled (job.compile; under FSDP shard compiled its blocks) and, under DDP,
+    wrapped so that gradients are all-reduced. broadcast_buffers=False: the ranks' expert counters must not be
+    overwritten by rank 0's; the balancing biases stay equal anyway, since every rank applies the same all-reduced
+    counts."""
+    if job.fsdp:
+        return model
     if job.compile:
         model = torch.compile(model)
-    if job.ddp:
+    if job.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[job.device.index] if job.device.type == "cuda" else None, broadcast_buffers=False)
     return model
@@ -393,6 +434,7 @@ def describe(run, peak_note, dtype_note):
              f"{job.micro_batch} sequences x {cfg.model.block_size} tokens; {cfg.max_iters:,} steps = "
              f"{run.cfg.tokens_per_step * cfg.max_iters:,} tokens",
              f"precision: {job.dtype} on {job.device}{', torch.compile' if job.compile else ''}"
+             + (f", FSDP over {job.world} rank(s)" if job.fsdp else "")
              + (f" ({dtype_note})" if dtype_note else "") + f"; MFU against {peak_note}"]
     if model.moe_layers():
         lines.append(f"MoE experts: {experts_path(job)}")
@@ -521,17 +563,21 @@ def evaluate(run):
     model, state, job, eot = run.model, run.state, run.job, run.data.meta["eot_id"]
     depth = state.model.config.mtp_depth
     total = torch.zeros(3 + depth, device=job.device)  # sum of batch means, batches, nats of the text targets, MTP's
+    n = len(state.val_windows)
     model.eval()
     with interruptible(run.stop, job):
-        for k in tqdm(range(job.rank, len(state.val_windows), job.world), desc="eval", leave=False,
-                      disable=not job.master, dynamic_ncols=True):
-            x, y = run.data.val.batch(state.val_windows[k], job.device)
+        # each rank its share; under FSDP every rank runs as many forwards (they gather parameters together): a rank
+        # past the end repeats the last batch and counts it 0 times
+        for k in tqdm(range(job.rank, -(-n // job.world) * job.world if job.fsdp else n, job.world), desc="eval",
+                      leave=False, disable=not job.master, dynamic_ncols=True):
+            x, y = run.data.val.batch(state.val_windows[min(k, n - 1)], job.device)
             with autocast(job.device, job.dtype):
                 _, losses = model(x, y)
-            total[:3] += torch.stack([losses.main.float(), torch.ones_like(losses.main), losses.nats[y != eot].sum()])
-            total[3:] += losses.mtp.float()
+            terms = torch.cat([torch.stack([losses.main.float(), torch.ones_like(losses.main),
+                                            losses.nats[y != eot].sum()]), losses.mtp.float()])
+            total += terms * (k < n)
     model.train()
-    total = all_sum(total, job.ddp)
+    total = all_sum(total, job.distributed)
     bpb = total[2].item() / math.log(2) / run.val_bytes if run.val_bytes else None
     return EvalResult((total[0] / total[1]).item(), bpb, (total[3:] / total[1]).tolist(), [])
 
@@ -544,11 +590,15 @@ def generate_samples(run):
     generator = torch.Generator(device=job.device).manual_seed(cfg.seed)
     samples = []
     model.eval()
+    if job.fsdp:  # decoding calls the blocks (which gather their own parameters) and the root's head: gather the root's
+        model.unshard()
     with interruptible(run.stop, job), autocast(job.device, job.dtype):
         for prompt in cfg.sample_prompts:
             ids = torch.tensor([run.tok.encode(prompt).ids[-model.config.block_size:]], device=job.device)
             new = generate(model, ids, cfg.sample_tokens, Sampling(temperature=0.8, top_k=200, generator=generator))
             samples.append((prompt, run.tok.decode(new[0, ids.size(1):].tolist())))
+    if job.fsdp:
+        model.reshard()
     model.train()
     return samples
 
@@ -578,10 +628,28 @@ def optimizer_step(run):
     # from here the step completes whatever arrives: a signal is acted on at the step's end
     state.scaler.unscale_(state.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip or float("inf"))
+    if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
+        grad_norm = grad_norm.full_tensor()
     state.scaler.step(state.optimizer)
     state.scaler.update()
+    if state.iter_num == state.start_iter:  # the gradients and the optimizer's state exist now
+        run.progress.say(memory(state, job))
     state.optimizer.zero_grad(set_to_none=True)
     return step_results(run, losses / (job.micro_steps * job.world), grad_norm)
+
+
+def memory(state, job):
+    """The line saying how many bytes this rank holds of the parameters, their gradients and the optimizer's state
+    (its shards under FSDP), and per parameter of the model."""
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t
+    size = lambda tensors: sum(local(t).numel() * t.element_size() for t in tensors)
+    params = list(state.model.parameters())
+    held = {"parameters": size(params), "gradients": size(p.grad for p in params if p.grad is not None),
+            "optimizer state": size(v for s in state.optimizer.state.values() for v in s.values() if torch.is_tensor(v))}
+    per = sum(held.values()) / state.model.num_params()
+    return (f"memory of rank {job.rank}" + (f" (FSDP over {job.world})" if job.fsdp else "") + ": "
+            + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in held.items())
+            + f"; {per:.2f} bytes per parameter of the model")
 
 
 def micro_step(run, windows, last):
@@ -589,7 +657,10 @@ def micro_step(run, windows, last):
     the mean over its micro-batches; the detached loss terms [main, aux, MTP...]."""
     job = run.job
     x, y = run.data.train.batch(windows, job.device)
-    if job.ddp:  # gradients are all-reduced on the last micro-step only
+    if job.fsdp:  # gradients are reduce-scattered, and parameters resharded, after the last micro-step only
+        run.model.set_requires_gradient_sync(last)
+        run.model.set_reshard_after_backward(last)
+    elif job.distributed:  # gradients are all-reduced on the last micro-step only
         run.model.require_backward_grad_sync = last
     with autocast(job.device, job.dtype):
         _, losses = run.model(x, y)
@@ -605,7 +676,7 @@ def step_results(run, losses, grad_norm):
     model = run.state.model
     counts = model.pop_expert_counts()                                    # [layers, E]; [0, 0] if dense
     n = len(losses)
-    shared = all_sum(torch.cat([losses.new_full((1,), float(run.stop.signal)), losses, counts.flatten()]), run.job.ddp)
+    shared = all_sum(torch.cat([losses.new_full((1,), float(run.stop.signal)), losses, counts.flatten()]), run.job.distributed)
     stop, losses, counts = shared[0], shared[1:1 + n], shared[1 + n:].view_as(counts)
     model.update_router_bias(counts)
     vio = max_violation(counts) if counts.numel() else counts.new_zeros(0)
@@ -623,11 +694,12 @@ def all_sum(x, ddp):
 
 
 def save(run, reason):
-    """Checkpoint the run at its last step; all ranks call it (for their RNG states), rank 0 writes."""
+    """Checkpoint the run at its last step; all ranks call it (for their RNG states), rank 0 writes, or under FSDP
+    every rank writes its shards."""
     rng = rng_states(run.job)
-    if run.job.master:
-        save_state(run.cfg.ckpt_path, run.state, run.cfg, run.tokenizer, rng)
-        run.progress.say(f"saved {run.cfg.ckpt_path} at iteration {run.state.iter_num} ({reason})")
+    if run.job.master or run.job.fsdp:
+        path = save_state(run.cfg.out_dir, run.state, run.cfg, run.tokenizer, rng)
+        run.progress.say(f"saved {path} at iteration {run.state.iter_num} ({reason})")
 
 # -----------------------------------------------------------------------------
 # Ctrl-C and SIGTERM: back to the last step boundary, checkpoint, exit
@@ -641,7 +713,7 @@ class Stop:
 
     def now(self, job):
         """Stop before the next step: all ranks at the same step under DDP, at once on a single process."""
-        return self.all_ranks or (self.signal and not job.ddp)
+        return self.all_ranks or (self.signal and not job.distributed)
 
 
 class Interrupted(Exception):
@@ -662,7 +734,7 @@ def on_signal(stop):
 def interruptible(stop, job):
     """Lets a signal stop the work inside at once, on a single process (under DDP the ranks stop together at
     the end of a step instead: one of them stopping alone would leave the others waiting in a collective)."""
-    stop.interruptible = not job.ddp
+    stop.interruptible = not (job.distributed or job.fsdp)  # FSDP: never inside its gathers
     try:
         yield
     finally:

@@ -169,8 +169,9 @@ MOE = ["--attention=mla", "--kv_lora_rank=16", "--qk_nope_head_dim=8", "--qk_rop
        "--first_k_dense=1"]
 
 
-def write_dataset(root, shard_lengths=(12_000,), val_tokens=2_000, seed=0):
-    """Counting with random restarts (next = previous + 1 mod VOCAB, 10% jumps): learnable in a few steps."""
+def write_dataset(root, shard_lengths=(12_000,), val_tokens=2_000, seed=0, eot="t0"):
+    """Counting with random restarts (next = previous + 1 mod VOCAB, 10% jumps): learnable in a few steps. Token i
+    is "ti", token 0 (the end of text) `eot` ("<|endoftext|>" for a checkpoint that export.py can name)."""
     os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(seed)
 
@@ -185,7 +186,7 @@ def write_dataset(root, shard_lengths=(12_000,), val_tokens=2_000, seed=0):
             name = f"{split}_{i:05d}.bin"
             tokens(n).tofile(os.path.join(root, name))
             splits[split].append({"file": name, "tokens": n})
-    tok = Tokenizer(tokenizer_models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tok = Tokenizer(tokenizer_models.WordLevel({eot: 0, **{f"t{i}": i for i in range(1, VOCAB)}}, unk_token=eot))
     with open(os.path.join(root, "tokenizer.json"), "w") as f:
         f.write(tok.to_str())
     with open(os.path.join(root, "meta.json"), "w") as f:

@@ -424,7 +424,7 @@ def test_compiled_training_matches_eager_and_resumes_exactly(data, tmp_path, arc
 
 # ---- DDP ----
 
-PROBE = os.path.join(ROOT, "tests", "ddp_probe.py")
+PROBE = os.path.join(ROOT, "tests", "sync_probe.py")
 
 
 @pytest.mark.parametrize("accumulation, batch, mtp_depth, optimizer", [(4, 4, 0, "adamw"), (3, 4, 1, "adamw"),
@@ -445,7 +445,7 @@ def test_torchrun_two_ranks_match_one_process(data, tmp_path, accumulation, batc
     micro_steps = accumulation // 2 if accumulation % 2 == 0 else accumulation
     assert f"2 rank(s) x {micro_steps} micro-steps x {batch if accumulation % 2 == 0 else batch // 2} sequences" in ddp.stdout
     # one all-reducing backward per optimizer step on each rank: the other micro-steps keep their gradients local
-    assert [int(open(f"{count}.{rank}").read()) for rank in (0, 1)] == [4, 4]
+    assert [json.load(open(f"{count}.{rank}"))["synced"] for rank in (0, 1)] == [4, 4]
     train.main([*args, f"--out_dir={tmp_path / 'single'}"])
     two, one = metrics(tmp_path / "ddp"), metrics(tmp_path / "single")
     assert [r["iter"] for r in two] == [r["iter"] for r in one] and len(one) == 6

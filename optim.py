@@ -85,6 +85,16 @@ def muon_groups(model, split_fused):
     return [{"params": params, "use_muon": True, "parts": list(key)} for key, params in groups.items()]
 
 
+def held_bytes(params, optimizer):
+    """{"parameters", "gradients", "optimizer state": bytes} that this rank holds for params (their shards under
+    FSDP): what training costs in memory before the activations."""
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t
+    size = lambda tensors: sum(local(t).numel() * t.element_size() for t in tensors)
+    params = list(params)
+    return {"parameters": size(params), "gradients": size(p.grad for p in params if p.grad is not None),
+            "optimizer state": size(v for p in params for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v))}
+
+
 def orthogonalize(g, dtype=torch.bfloat16, steps=NS_STEPS, eps=1e-7):
     """NS5: g [..., m, n] -> about U V^T of g = U S V^T, each matrix of the leading dims on its own, in dtype.
 

@@ -48,7 +48,7 @@ from data import Dataset, more_data, open_dataset, text_bytes
 from device import DTYPES, Job, auto_cpu_dtype, autocast, cpu_matmul_peak, peak_flops, pick_device, pick_dtype
 from generate import Sampling, generate
 from model import ModelConfig, Transformer, grouped_mm_runs, max_violation, unpadded_attention_runs
-from optim import build_optimizer
+from optim import build_optimizer, held_bytes
 from progress import EvalResult, Progress, Rate, StepResult
 
 
@@ -641,11 +641,7 @@ def optimizer_step(run):
 def memory(state, job):
     """The line saying how many bytes this rank holds of the parameters, their gradients and the optimizer's state
     (its shards under FSDP), and per parameter of the model."""
-    local = lambda t: t.to_local() if isinstance(t, DTensor) else t
-    size = lambda tensors: sum(local(t).numel() * t.element_size() for t in tensors)
-    params = list(state.model.parameters())
-    held = {"parameters": size(params), "gradients": size(p.grad for p in params if p.grad is not None),
-            "optimizer state": size(v for s in state.optimizer.state.values() for v in s.values() if torch.is_tensor(v))}
+    held = held_bytes(state.model.parameters(), state.optimizer)
     per = sum(held.values()) / state.model.num_params()
     return (f"memory of rank {job.rank}" + (f" (FSDP over {job.world})" if job.fsdp else "") + ": "
             + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in held.items())

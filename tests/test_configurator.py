@@ -95,7 +95,8 @@ def test_field_comments_are_the_comments_beside_the_fields():
 
 @pytest.mark.parametrize("script, config", [("train", "TrainConfig"), ("prepare", "PrepareConfig"),
                                             ("export", "ExportConfig"), ("sample", "SampleConfig"),
-                                            ("bench", "BenchConfig"), ("serve", "ServeConfig")])
+                                            ("bench", "BenchConfig"), ("serve", "ServeConfig"),
+                                            ("memory", "MemoryConfig")])
 def test_help_lists_every_setting_with_its_default_and_meaning(script, config, capsys):
     module = importlib.import_module(script)
     with pytest.raises(SystemExit) as done:

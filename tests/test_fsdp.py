@@ -137,6 +137,18 @@ def test_dense_gqa_on_two_ranks_trains_as_one_process_and_holds_half_the_bytes(t
         assert val(two)[-1] < val(two)[0] - 0.1
 
 
+def test_compiled_per_block_under_fsdp_trains_as_eager_one_process(text_data, tmp_path):
+    """--compile=True under FSDP compiles each block on its own (torchtitan's way, so that FSDP's hooks stay around
+    the compiled blocks): the losses of one eager process within 1e-4."""
+    args = ["--gradient_accumulation_steps=2", "--max_iters=2", "--eval_interval=2", "--sample_tokens=0"]
+    run = torchrun(os.path.join(ROOT, "train.py"), *TINY, f"--dataset={text_data}", f"--out_dir={tmp_path / 'fsdp'}",
+                   *args, "--fsdp=True", "--compile=True")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "torch.compile, FSDP over 2 rank(s)" in run.stdout
+    run_inprocess(text_data, tmp_path / "single", *args)
+    assert_same_records(metrics(tmp_path / "fsdp"), metrics(tmp_path / "single"), 1e-4)
+
+
 def launch_ranks(data, out_dir, *args):
     """train.py --fsdp=True on 2 ranks started directly (as torchrun starts them), so that a test holds every rank's
     process. [Popen, Popen]."""

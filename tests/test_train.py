@@ -672,6 +672,8 @@ BAD = {  # name: (extra args, env, what the message must say)
     "ranks_do_not_divide": (["--batch_size=3"], {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "divides"),
     "unwritable_out_dir": (["--out_dir={file}/sub"], {}, "cannot write"),
     "unknown_device": (["--device=gpu"], {}, "unknown device"),
+    "fsdp_float16": (["--fsdp=True", "--dtype=float16"], {}, "--fsdp=True trains on CUDA GPUs or CPUs in bfloat16"),
+    "fsdp_from_one_file": (["--init_from=resume", "--fsdp=True"], {}, "was written without FSDP"),
 }
 
 

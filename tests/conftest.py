@@ -208,6 +208,16 @@ def run_inprocess(data, out_dir, *args):
     return str(out_dir)
 
 
+@pytest.fixture
+def one_thread():
+    """Training in the test process on one intra-op thread (the subprocesses' OMP_NUM_THREADS=1), whatever an
+    earlier test set; its setting back afterwards. Test files that train use it for every test (pytestmark)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
     """write_dataset's default dataset (read only: train.py never writes beside it)."""

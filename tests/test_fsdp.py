@@ -32,12 +32,7 @@ MOE_RUN = [*MOE, "--mtp_depth=1", "--optimizer=muon", "--gradient_accumulation_s
            "--eval_interval=2", "--lr_decay_iters=10"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -633,12 +633,12 @@ def optimizer_step(run):
     state.scaler.step(state.optimizer)
     state.scaler.update()
     if state.iter_num == state.start_iter:  # the gradients and the optimizer's state exist now
-        run.progress.say(memory(state, job))
+        run.progress.say(memory_line(state, job))
     state.optimizer.zero_grad(set_to_none=True)
     return step_results(run, losses / (job.micro_steps * job.world), grad_norm)
 
 
-def memory(state, job):
+def memory_line(state, job):
     """The line saying how many bytes this rank holds of the parameters, their gradients and the optimizer's state
     (its shards under FSDP), and per parameter of the model."""
     held = held_bytes(state.model.parameters(), state.optimizer)

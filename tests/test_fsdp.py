@@ -91,6 +91,7 @@ def held_per_parameter(stdout):
     return float(re.search(r"memory of rank 0.*; ([\d.]+) bytes per parameter", stdout).group(1))
 
 
+@pytest.mark.xdist_group("moe_runs")  # one worker runs the 2-rank and one-process runs once
 def test_mla_moe_on_two_ranks_trains_as_one_process(moe_runs):
     """Losses, MTP losses, gradient norms (clipped over all the shards), expert loads and weights as one process;
     one reduce-scatter per step (the micro-steps before the last keep their gradients), and the balancing biases
@@ -158,6 +159,7 @@ def launch_ranks(data, out_dir, *args):
             for rank in (0, 1)]
 
 
+@pytest.mark.xdist_group("moe_runs")
 def test_every_rank_killed_resumes_bit_for_bit(moe_runs, text_data, tmp_path):
     """kill -9 of both ranks once the first checkpoint is there, then --init_from=resume on 2 ranks: the same
     metrics and weights as the uninterrupted run, bit for bit."""
@@ -182,6 +184,7 @@ def test_every_rank_killed_resumes_bit_for_bit(moe_runs, text_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.xdist_group("moe_runs")
 def test_a_two_rank_checkpoint_continues_on_one_process_samples_and_exports(moe_runs, text_data, tmp_path,
                                                                             capsys):
     """The 2-rank checkpoint at step 8, left as a run killed between the two renames of a save leaves it (ckpt.dcp.old
@@ -213,6 +216,7 @@ def test_a_two_rank_checkpoint_continues_on_one_process_samples_and_exports(moe_
     assert all(torch.allclose(exported[0][k], exported[1][k], atol=1e-5, rtol=0) for k in exported[0])
 
 
+@pytest.mark.xdist_group("moe_runs")
 def test_the_dcp_reader_unpickles_nothing_but_dcp_metadata(moe_runs, tmp_path):
     """A .metadata naming another global (here os.system) is refused before it runs, and so is a python object where
     train.py saves tensors (DCP would torch.load it with pickle)."""

@@ -28,7 +28,8 @@ BF16_GAIN = 1.1
 @dataclass
 class Job:
     """Where this process works and how: its device, precision (a DTYPES name), whether it compiles the model, and
-    its place among the ranks (DDP or FSDP) with its share of a step's batch_size x gradient_accumulation_steps sequences."""
+    its place among the ranks (DDP or FSDP) with its share of a step's batch_size x gradient_accumulation_steps
+    sequences."""
     device: torch.device
     dtype: str
     compile: bool = False

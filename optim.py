@@ -92,7 +92,8 @@ def held_bytes(params, optimizer):
     size = lambda tensors: sum(local(t).numel() * t.element_size() for t in tensors)
     params = list(params)
     return {"parameters": size(params), "gradients": size(p.grad for p in params if p.grad is not None),
-            "optimizer state": size(v for p in params for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v))}
+            "optimizer state": size(v for p in params for v in optimizer.state.get(p, {}).values()
+                                    if torch.is_tensor(v))}
 
 
 def orthogonalize(g, dtype=torch.bfloat16, steps=NS_STEPS, eps=1e-7):
@@ -159,7 +160,8 @@ class MuonAdamW(torch.optim.Optimizer):
         """NS5 of each part of each matrix, times its scale. Under FSDP (a DTensor) NS5 needs whole matrices: a matrix
         sharded by its rows is gathered, orthogonalized on every rank alike, and this rank keeps its rows; experts
         [E, m, n] sharded by E are whole matrices already."""
-        whole = isinstance(update, DTensor) and any(s.is_shard() and s.dim >= update.dim() - 2 for s in update.placements)
+        whole = isinstance(update, DTensor) and any(s.is_shard() and s.dim >= update.dim() - 2
+                                                    for s in update.placements)
         u = update.full_tensor() if whole else update.to_local() if isinstance(update, DTensor) else update
         parts = u.split(group["parts"] or [u.size(-2)], dim=-2)
         o = torch.cat([orthogonalize(x, self.ns_dtype).to(u.dtype) * lr_scale(group["scale_rule"], *x.shape[-2:])

@@ -672,7 +672,8 @@ def step_results(run, losses, grad_norm):
     model = run.state.model
     counts = model.pop_expert_counts()                                    # [layers, E]; [0, 0] if dense
     n = len(losses)
-    shared = all_sum(torch.cat([losses.new_full((1,), float(run.stop.signal)), losses, counts.flatten()]), run.job.distributed)
+    shared = all_sum(torch.cat([losses.new_full((1,), float(run.stop.signal)), losses, counts.flatten()]),
+                     run.job.distributed)
     stop, losses, counts = shared[0], shared[1:1 + n], shared[1 + n:].view_as(counts)
     model.update_router_bias(counts)
     vio = max_violation(counts) if counts.numel() else counts.new_zeros(0)
@@ -682,9 +683,9 @@ def step_results(run, losses, grad_norm):
                       vio=host[2 + n:2 + n + len(vio)], counts=host[2 + n + len(vio):].view_as(counts))
 
 
-def all_sum(x, ddp):
-    """Sum a tensor over the ranks (in place) when running under DDP."""
-    if ddp:
+def all_sum(x, distributed):
+    """Sum a tensor over the ranks (in place) when there are several (DDP or FSDP)."""
+    if distributed:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 

@@ -24,7 +24,7 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	touch $@
 
 test: $(VENV)/.dev
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests  # tests of one xdist_group share a worker (and its fixtures)
+	$(PY) -m pytest -q -n 2 tests
 
 demo: $(VENV)/.runtime
 	$(PY) prepare.py

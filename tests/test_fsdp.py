@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file
 
 import checkpoint
@@ -35,10 +36,23 @@ MOE_RUN = [*MOE, "--mtp_depth=1", "--optimizer=muon", "--gradient_accumulation_s
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory):
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory):
+    """A directory that every xdist worker of this session sees (the parent of each worker's own temp directory): a
+    fixture made there once, under a lock of its own, serves the tests of both workers (pytest-xdist's recipe)."""
+    root = tmp_path_factory.getbasetemp().parent / "fsdp"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def text_data(shared_dir):
     """The tests' counting dataset with token 0 named <|endoftext|>, so that export.py can name the end of text."""
-    return write_dataset(str(tmp_path_factory.mktemp("data") / "tiny"), eot="<|endoftext|>")
+    root = shared_dir
+    with FileLock(root / "tiny.lock"):
+        if not (root / "tiny" / "meta.json").exists():
+            write_dataset(str(root / "tiny"), eot="<|endoftext|>")
+    return str(root / "tiny")
 
 
 def torchrun(script, *args):
@@ -53,13 +67,17 @@ def probe_run(data, out_dir, count, *args):
     return run.stdout
 
 
-@pytest.fixture(scope="module")
-def moe_runs(text_data, tmp_path_factory):
-    """MOE_RUN for 8 steps: on 2 ranks under FSDP (tests/sync_probe.py counting), and in one process."""
-    tmp = tmp_path_factory.mktemp("moe")
-    stdout = probe_run(text_data, tmp / "fsdp", tmp / "synced", *MOE_RUN, "--max_iters=8", "--fsdp=True")
-    run_inprocess(text_data, tmp / "single", *MOE_RUN, "--max_iters=8")
-    return tmp, stdout
+@pytest.fixture(scope="session")
+def moe_runs(text_data, shared_dir):
+    """MOE_RUN for 8 steps: on 2 ranks under FSDP (tests/sync_probe.py counting), and in one process; made once for
+    both workers. (the directory, the FSDP run's stdout)."""
+    tmp = shared_dir / "moe"
+    with FileLock(shared_dir / "moe.lock"):
+        if not (tmp / "fsdp.out").exists():
+            stdout = probe_run(text_data, tmp / "fsdp", tmp / "synced", *MOE_RUN, "--max_iters=8", "--fsdp=True")
+            run_inprocess(text_data, tmp / "single", *MOE_RUN, "--max_iters=8")
+            (tmp / "fsdp.out").write_text(stdout)  # last: its presence says that both runs are whole
+    return tmp, (tmp / "fsdp.out").read_text()
 
 
 def assert_same_records(two, one, tolerance):
@@ -91,7 +109,6 @@ def held_per_parameter(stdout):
     return float(re.search(r"memory of rank 0.*; ([\d.]+) bytes per parameter", stdout).group(1))
 
 
-@pytest.mark.xdist_group("moe_runs")  # one worker runs the 2-rank and one-process runs once
 def test_mla_moe_on_two_ranks_trains_as_one_process(moe_runs):
     """Losses, MTP losses, gradient norms (clipped over all the shards), expert loads and weights as one process;
     one reduce-scatter per step (the micro-steps before the last keep their gradients), and the balancing biases
@@ -159,7 +176,6 @@ def launch_ranks(data, out_dir, *args):
             for rank in (0, 1)]
 
 
-@pytest.mark.xdist_group("moe_runs")
 def test_every_rank_killed_resumes_bit_for_bit(moe_runs, text_data, tmp_path):
     """kill -9 of both ranks once the first checkpoint is there, then --init_from=resume on 2 ranks: the same
     metrics and weights as the uninterrupted run, bit for bit."""
@@ -184,7 +200,6 @@ def test_every_rank_killed_resumes_bit_for_bit(moe_runs, text_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.xdist_group("moe_runs")
 def test_a_two_rank_checkpoint_continues_on_one_process_samples_and_exports(moe_runs, text_data, tmp_path,
                                                                             capsys):
     """The 2-rank checkpoint at step 8, left as a run killed between the two renames of a save leaves it (ckpt.dcp.old
@@ -216,7 +231,6 @@ def test_a_two_rank_checkpoint_continues_on_one_process_samples_and_exports(moe_
     assert all(torch.allclose(exported[0][k], exported[1][k], atol=1e-5, rtol=0) for k in exported[0])
 
 
-@pytest.mark.xdist_group("moe_runs")
 def test_the_dcp_reader_unpickles_nothing_but_dcp_metadata(moe_runs, tmp_path):
     """A .metadata naming another global (here os.system) is refused before it runs, and so is a python object where
     train.py saves tensors (DCP would torch.load it with pickle)."""

@@ -128,8 +128,8 @@ def check_init_from(init_from):
 
 
 def load_model(init_from, out_dir):
-    """(model, tokenizer) as --init_from says: "resume" is the train.py checkpoint in out_dir (ckpt.pt or ckpt.dcp), "smollm2-135m"
-    the pretrained weights."""
+    """(model, tokenizer) as --init_from says: "resume" is the train.py checkpoint in out_dir (ckpt.pt or ckpt.dcp),
+    "smollm2-135m" the pretrained weights."""
     check_init_from(init_from)
     if init_from == "smollm2-135m":
         return smollm2_135m()

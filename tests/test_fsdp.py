@@ -24,9 +24,9 @@ import conftest
 import export
 import sample
 from configurator import UserError
-from conftest import MOE, ROOT, TINY, metrics, run_inprocess, run_python, write_dataset
+from conftest import MOE, ROOT, TINY, metrics, run_inprocess, write_dataset
 
-PROBE = os.path.join(ROOT, "tests", "sync_probe.py")
+TRAIN, PROBE = os.path.join(ROOT, "train.py"), os.path.join(ROOT, "tests", "sync_probe.py")
 # MLA + MoE with an MTP module and Muon, 3 micro-batches a step (not divisible by 2 ranks: each is split in two);
 # a checkpoint every 2 steps
 MOE_RUN = [*MOE, "--mtp_depth=1", "--optimizer=muon", "--gradient_accumulation_steps=3", "--batch_size=4",
@@ -55,16 +55,32 @@ def text_data(shared_dir):
     return str(root / "tiny")
 
 
-def torchrun(script, *args):
-    """`torchrun --standalone --nproc_per_node=2 script args` to its end; the CompletedProcess."""
-    return run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args)
+def launch_ranks(logs, script, *args):
+    """`script args` on 2 ranks started directly with the variables torchrun gives them (its launcher would be one
+    more process importing torch), so that a test holds each rank's process; rank r writes logs/r.out and logs/r.err.
+    [Popen, Popen]."""
+    with socket.socket() as s:  # a free port for the ranks' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.makedirs(logs, exist_ok=True)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    return [subprocess.Popen([sys.executable, script, *args], cwd=ROOT, stdout=open(logs / f"{rank}.out", "w"),
+                             stderr=open(logs / f"{rank}.err", "w"),
+                             env=conftest.tests_env({**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+            for rank in (0, 1)]
+
+
+def run_ranks(logs, script, *args):
+    """launch_ranks's run to its end, which must succeed; rank 0's stdout."""
+    for rank, proc in enumerate(launch_ranks(logs, script, *args)):
+        assert proc.wait(timeout=600) == 0, (logs / f"{rank}.err").read_text()[-3000:]
+    return (logs / "0.out").read_text()
 
 
 def probe_run(data, out_dir, count, *args):
-    """train.py on 2 ranks under tests/sync_probe.py; its stdout."""
-    run = torchrun(PROBE, count, *TINY, f"--dataset={data}", f"--out_dir={out_dir}", *args)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run.stdout
+    """train.py on 2 ranks under tests/sync_probe.py; rank 0's stdout."""
+    return run_ranks(out_dir.parent / f"{out_dir.name}.logs", PROBE, count, *TINY, f"--dataset={data}",
+                     f"--out_dir={out_dir}", *args)
 
 
 @pytest.fixture(scope="session")
@@ -126,61 +142,43 @@ def test_mla_moe_on_two_ranks_trains_as_one_process(moe_runs):
     assert len(biases) == 2 and all(torch.equal(two[k], one[k]) for k in biases)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_dense_gqa_on_two_ranks_trains_as_one_process_and_holds_half_the_bytes(text_data, tmp_path, capsys, dtype):
-    """AdamW, 4 micro-batches a step (2 on each rank, whole). float32: the same run within 1e-5, and each rank holds
-    half the bytes of parameters, gradients and optimizer state that one process holds (16 per parameter). bfloat16:
-    FSDP gathers bfloat16 parameters (and reduces gradients in float32) where one process autocasts float32 ones: the
-    same run within bfloat16's rounding, learning as fast."""
-    args = [f"--dtype={dtype}", "--gradient_accumulation_steps=4", "--max_iters=6", "--eval_interval=3",
-            "--lr_decay_iters=6"]
+def test_dense_gqa_on_two_ranks_trains_as_one_process_and_holds_half_the_bytes(text_data, tmp_path, capsys):
+    """AdamW, 4 micro-batches a step (2 on each rank, whole): the same run within 1e-5, and each rank holds half the
+    bytes of parameters, gradients and optimizer state that one process holds (16 per parameter)."""
+    args = ["--gradient_accumulation_steps=4", "--max_iters=6", "--eval_interval=3", "--lr_decay_iters=6"]
     stdout = probe_run(text_data, tmp_path / "fsdp", tmp_path / "synced", *args, "--fsdp=True")
     capsys.readouterr()
     run_inprocess(text_data, tmp_path / "single", *args)
     single_stdout = capsys.readouterr().out
     assert [json.load(open(tmp_path / f"synced.{rank}"))["synced"] for rank in (0, 1)] == [6, 6]
-    two, one = metrics(tmp_path / "fsdp"), metrics(tmp_path / "single")
-    if dtype == "float32":
-        assert_same_records(two, one, 1e-5)
-        assert_close_weights(weights(tmp_path / "fsdp"), weights(tmp_path / "single"), 1e-5)
-        assert held_per_parameter(single_stdout) == 16.0 and held_per_parameter(stdout) == 8.0
-    else:
-        val = lambda records: [r["val_loss"] for r in records if "val_loss" in r]
-        assert val(two) == pytest.approx(val(one), abs=0.03)
-        assert val(two)[-1] < val(two)[0] - 0.1
+    assert_same_records(metrics(tmp_path / "fsdp"), metrics(tmp_path / "single"), 1e-5)
+    assert_close_weights(weights(tmp_path / "fsdp"), weights(tmp_path / "single"), 1e-5)
+    assert held_per_parameter(single_stdout) == 16.0 and held_per_parameter(stdout) == 8.0
 
 
-def test_compiled_per_block_under_fsdp_trains_as_eager_one_process(text_data, tmp_path):
-    """--compile=True under FSDP compiles each block on its own (torchtitan's way, so that FSDP's hooks stay around
-    the compiled blocks): the losses of one eager process within 1e-4."""
-    args = ["--gradient_accumulation_steps=2", "--max_iters=2", "--eval_interval=2", "--sample_tokens=0"]
-    run = torchrun(os.path.join(ROOT, "train.py"), *TINY, f"--dataset={text_data}", f"--out_dir={tmp_path / 'fsdp'}",
-                   *args, "--fsdp=True", "--compile=True")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "torch.compile, FSDP over 2 rank(s)" in run.stdout
+def test_bfloat16_compiled_per_block_under_fsdp_trains_as_one_process(text_data, tmp_path):
+    """A GPU's configuration, rehearsed: bfloat16 with --compile=True under FSDP, which gathers bfloat16 parameters
+    (gradients reduced in float32) and compiles each block on its own (torchtitan's way, so that FSDP's hooks stay
+    around the compiled blocks), where one eager process autocasts float32 ones: the same val losses within
+    bfloat16's rounding, falling as fast."""
+    args = ["--dtype=bfloat16", "--gradient_accumulation_steps=2", "--max_iters=4", "--eval_interval=2",
+            "--lr_decay_iters=4", "--sample_tokens=0"]
+    stdout = run_ranks(tmp_path / "logs", TRAIN, *TINY, f"--dataset={text_data}", f"--out_dir={tmp_path / 'fsdp'}",
+                       *args, "--fsdp=True", "--compile=True")
+    assert "precision: bfloat16 on cpu, torch.compile, FSDP over 2 rank(s)" in stdout
     run_inprocess(text_data, tmp_path / "single", *args)
-    assert_same_records(metrics(tmp_path / "fsdp"), metrics(tmp_path / "single"), 1e-4)
-
-
-def launch_ranks(data, out_dir, *args):
-    """train.py --fsdp=True on 2 ranks started directly (as torchrun starts them), so that a test holds every rank's
-    process. [Popen, Popen]."""
-    with socket.socket() as s:  # a free port for the ranks' rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-    return [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--dataset={data}",
-                              f"--out_dir={out_dir}", *args, "--fsdp=True"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True,
-                             env=conftest.tests_env({**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
-            for rank in (0, 1)]
+    val = lambda out: [r["val_loss"] for r in metrics(out) if "val_loss" in r]
+    two, one = val(tmp_path / "fsdp"), val(tmp_path / "single")
+    assert len(two) == 3 and two == pytest.approx(one, abs=0.03)
+    assert two[-1] < two[0] - 0.1
 
 
 def test_every_rank_killed_resumes_bit_for_bit(moe_runs, text_data, tmp_path):
     """kill -9 of both ranks once the first checkpoint is there, then --init_from=resume on 2 ranks: the same
     metrics and weights as the uninterrupted run, bit for bit."""
     out = tmp_path / "killed"
-    ranks = launch_ranks(text_data, out, *MOE_RUN, "--max_iters=8")
+    run = [*TINY, f"--dataset={text_data}", f"--out_dir={out}", *MOE_RUN, "--max_iters=8", "--fsdp=True"]
+    ranks = launch_ranks(tmp_path / "killed.logs", TRAIN, *run)
     while not os.path.isdir(out / "ckpt.dcp") and all(r.poll() is None for r in ranks):
         time.sleep(0.005)
     for sig in (signal.SIGSTOP, signal.SIGKILL):  # frozen the moment it is seen: the run has not moved on
@@ -190,9 +188,7 @@ def test_every_rank_killed_resumes_bit_for_bit(moe_runs, text_data, tmp_path):
         r.wait()
     killed_at = checkpoint.load_checkpoint(str(out / "ckpt.dcp"))["iter_num"]
     assert killed_at == 2 and [r.returncode for r in ranks] == [-signal.SIGKILL] * 2
-    resumed = launch_ranks(text_data, out, *MOE_RUN, "--max_iters=8", "--init_from=resume")
-    for r in resumed:
-        assert r.wait(timeout=300) == 0, r.stderr.read()[-3000:]
+    run_ranks(tmp_path / "resumed.logs", TRAIN, *run, "--init_from=resume")
     whole = moe_runs[0] / "fsdp"
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "mfu")} for r in rs]
     assert strip(metrics(out)) == strip(metrics(whole))

@@ -38,9 +38,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="session")
 def shared_dir(tmp_path_factory):
-    """A directory that every xdist worker of this session sees (the parent of each worker's own temp directory): a
-    fixture made there once, under a lock of its own, serves the tests of both workers (pytest-xdist's recipe)."""
-    root = tmp_path_factory.getbasetemp().parent / "fsdp"
+    """A directory of this session that every xdist worker sees (the parent of each worker's own temp directory;
+    without xdist, the session's): a fixture made there once, under a lock of its own, serves the tests of both
+    workers (pytest-xdist's recipe)."""
+    root = tmp_path_factory.getbasetemp()
+    root = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "fsdp"
     root.mkdir(exist_ok=True)
     return root
 
@@ -64,10 +66,12 @@ def launch_ranks(logs, script, *args):
         port = s.getsockname()[1]
     os.makedirs(logs, exist_ok=True)
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-    return [subprocess.Popen([sys.executable, script, *args], cwd=ROOT, stdout=open(logs / f"{rank}.out", "w"),
-                             stderr=open(logs / f"{rank}.err", "w"),
-                             env=conftest.tests_env({**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
-            for rank in (0, 1)]
+    ranks = []
+    for rank in (0, 1):
+        with open(logs / f"{rank}.out", "w") as out, open(logs / f"{rank}.err", "w") as err:
+            ranks.append(subprocess.Popen([sys.executable, script, *args], cwd=ROOT, stdout=out, stderr=err,
+                                          env=conftest.tests_env({**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})))
+    return ranks
 
 
 def run_ranks(logs, script, *args):

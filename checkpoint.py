@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from atomic import atomic_write
 from configurator import UserError, first_line, from_settings
@@ -127,6 +128,8 @@ def restore_state(state, ckpt):
     the validation windows where this run asks for the same number of the same size."""
     if "sharded" in ckpt:
         load_sharded(ckpt["sharded"], state.model, state.optimizer)
+    elif any(isinstance(p, DTensor) for p in state.model.parameters()):  # a one-file checkpoint continued under FSDP
+        shard_optimizer_state(state.optimizer, ckpt["optimizer"])
     else:
         state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scaler.load_state_dict(ckpt["scaler"])
@@ -159,6 +162,18 @@ def load_sharded(path, model, optimizer=None):
         model.load_state_dict(model_sd)
     else:
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+
+def shard_optimizer_state(optimizer, saved):
+    """Load a one-file checkpoint's optimizer state (saved: optimizer.state_dict(), whole tensors) into an optimizer of
+    FSDP's sharded parameters: each tensor shaped as its parameter cut to this rank's shard as the parameter is
+    (distribute_tensor, with no communication: every rank holds the whole), then optimizer.load_state_dict."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    of = dict(zip([i for group in saved["param_groups"] for i in group["params"]], params))
+    shard = lambda t, p: distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None) \
+        if t.shape == p.shape else t
+    optimizer.load_state_dict({**saved, "state": {i: {k: shard(v, of[i]) for k, v in s.items()}
+                                                  for i, s in saved["state"].items()}})
 
 
 class SafeReader(FileSystemReader):

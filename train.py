@@ -304,9 +304,6 @@ def build_model(cfg, ckpt, data):
         # the MTP loss weight may change on resume (DeepSeek-V3 went from 0.3 to 0.1 for its last 4.8T tokens)
         model.config = dataclasses.replace(model.config, mtp_loss_weight=cfg.model.mtp_loss_weight)
         check_same_optimizer(cfg, ckpt)
-        if cfg.fsdp and "sharded" not in ckpt:
-            raise UserError(f"{cfg.ckpt_path} was written without FSDP (one file): resume it without --fsdp=True "
-                            "(a run under FSDP writes, and resumes from, a sharded ckpt.dcp)")
         if unset:
             check_vocab(model.config.vocab_size, vocab, data, f"the checkpoint {cfg.ckpt_path}")
     else:

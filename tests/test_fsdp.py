@@ -1,6 +1,7 @@
 """train.py --fsdp=True (FSDP2 with DCP checkpoints), rehearsed on two Gloo ranks on the CPU: it trains as one process
 does (float32, within 1e-5), resumes bit for bit after every rank is killed, continues on one process from a 2-rank
-checkpoint, and sample.py and export.py read its sharded checkpoint as they read a plain one. The DCP reader never
+checkpoint (and on two from a one-process one), and sample.py and export.py read its sharded checkpoint as they read a
+plain one. The DCP reader never
 unpickles more than its allow-list."""
 
 import json
@@ -205,7 +206,7 @@ def test_a_two_rank_checkpoint_continues_on_one_process_samples_and_exports(moe_
     """The 2-rank checkpoint at step 8, left as a run killed between the two renames of a save leaves it (ckpt.dcp.old
     and a partial ckpt.dcp.tmp): one process (no FSDP) continues it to step 10 as the one-process run continues its
     own, within float32's differences (weights, AdamW's moments and Muon's momenta, the data order), and writes ckpt.pt
-    in its place. sample.py and export.py read the sharded checkpoint as they read the one-process run's ckpt.pt."""
+    in its place; 2 FSDP ranks continue the one-process ckpt.pt as well. sample.py and export.py read the sharded checkpoint as they read the one-process run's ckpt.pt."""
     tmp = moe_runs[0]
     two, one = tmp_path / "two", tmp_path / "one"
     shutil.copytree(tmp / "fsdp", two)
@@ -218,6 +219,14 @@ def test_a_two_rank_checkpoint_continues_on_one_process_samples_and_exports(moe_
     assert sorted(os.listdir(two)) == ["ckpt.pt", "metrics.jsonl", "samples.jsonl"]
     assert_same_records(metrics(two), metrics(one), 1e-4)
     assert_close_weights(weights(two), weights(one), 1e-4)
+    # and the other way: the one-process ckpt.pt continued on 2 ranks under FSDP, its optimizer state sharded
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tmp / "single", sharded)
+    run_ranks(tmp_path / "logs", TRAIN, *TINY, f"--dataset={text_data}", f"--out_dir={sharded}", *MOE_RUN,
+              "--max_iters=10", "--init_from=resume", "--fsdp=True")
+    assert sorted(os.listdir(sharded)) == ["ckpt.dcp", "metrics.jsonl", "samples.jsonl"]
+    assert_same_records(metrics(sharded), metrics(one), 1e-4)
+    assert_close_weights(weights(sharded), weights(one), 1e-4)
 
     texts = []
     for name in ("fsdp", "single"):

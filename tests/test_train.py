@@ -668,7 +668,6 @@ BAD = {  # name: (extra args, env, what the message must say)
     "unwritable_out_dir": (["--out_dir={file}/sub"], {}, "cannot write"),
     "unknown_device": (["--device=gpu"], {}, "unknown device"),
     "fsdp_float16": (["--fsdp=True", "--dtype=float16"], {}, "--fsdp=True trains on CUDA GPUs or CPUs in bfloat16"),
-    "fsdp_from_one_file": (["--init_from=resume", "--fsdp=True"], {}, "was written without FSDP"),
 }
 
 

@@ -1,8 +1,7 @@
 """train.py --fsdp=True (FSDP2 with DCP checkpoints), rehearsed on two Gloo ranks on the CPU: it trains as one process
 does (float32, within 1e-5), resumes bit for bit after every rank is killed, continues on one process from a 2-rank
 checkpoint (and on two from a one-process one), and sample.py and export.py read its sharded checkpoint as they read a
-plain one. The DCP reader never
-unpickles more than its allow-list."""
+plain one. The DCP reader never unpickles more than its allow-list."""
 
 import json
 import os
